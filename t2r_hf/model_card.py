@@ -1,0 +1,54 @@
+"""Model cards for saved T2R checkpoints, from the template in `model_cards/`."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+TEMPLATE = "t2r_model_card.md"
+
+
+def _template_text() -> str:
+    """The card template: installed as package data `t2r_hf.model_cards`, or `model_cards/` of a source checkout."""
+    try:
+        return resources.files("t2r_hf.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", TEMPLATE)
+        with open(here, encoding="utf-8") as f:
+            return f.read()
+
+
+def render_model_card(config, results: dict | None = None) -> str:
+    """The card text for a T2R model with `config`; `results` (name -> value) adds a table of measured numbers."""
+    base = config.base_model_name_or_path
+    is_hub_id = bool(base) and not os.path.isabs(base) and base.count("/") == 1 and not os.path.exists(base)
+    rows = "\n".join(f"| {k} | {v} |" for k, v in (results or {}).items())
+    results_block = f"| metric | value |\n|---|---|\n{rows}" if rows else "No evaluation was recorded when this model was saved."
+    options = {
+        "source family": config.source_model_type,
+        "feature map": config.feature_map,
+        "feature_dim": config.feature_dim,
+        "eps": config.eps,
+        "chunk_size": config.chunk_size,
+    }
+    return _template_text().format(
+        base_model_line=f"base_model: {base}\n" if is_hub_id else "",
+        base_model=base or "unknown",
+        options="\n".join(f"| {k} | {v} |" for k, v in options.items()),
+        results=results_block,
+        config_json=json.dumps(options),
+    )
+
+
+def write_model_card(config, save_directory, results: dict | None = None) -> str:
+    """Write `README.md` into `save_directory`; returns its path."""
+    path = os.path.join(save_directory, "README.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_model_card(config, results))
+    logger.info("Model card written to %s", path)
+    return path
