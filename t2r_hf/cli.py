@@ -153,6 +153,17 @@ def cmd_transfer(args) -> None:
     print(f"saved -> {args.output}")
 
 
+def _launcher_rank() -> int:
+    """This process's global rank as set by `accelerate launch`/torchrun (RANK) or MPI; 0 when not launched.
+
+    Read from the environment because the distributed state is only set up once the Trainer exists, after the
+    output folder is prepared (an early `PartialState()` would pin a non-distributed state)."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def cmd_finetune(args) -> None:
     from .data_io import atomic_output_dir
     from .finetune import apply_lora, finetune
@@ -162,9 +173,7 @@ def cmd_finetune(args) -> None:
         model = apply_lora(model)  # fails fast, before reading data, if the projections are missing
     tokenizer = _load_tokenizer(args.model)
     blocks = _blocks(args, tokenizer)
-    from accelerate import PartialState
-
-    main = PartialState().is_main_process
+    main = _launcher_rank() == 0
     with atomic_output_dir(args.output, overwrite=args.overwrite, is_main_process=main) as tmp:
         trainer = finetune(model, blocks, os.path.join(tmp, "trainer"), max_steps=args.max_steps,
                            learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -182,6 +191,7 @@ def cmd_finetune(args) -> None:
             tokenizer.save_pretrained(tmp)
         trainer.accelerator.wait_for_everyone()
     if main:
+        print(f"trained on {trainer.accelerator.num_processes} process(es)")
         print(f"final training loss: {trainer.state.log_history[-1].get('train_loss', float('nan')):.4f}")
         print(f"saved -> {args.output}")
 
@@ -255,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+        if os.environ.get("T2R_HF_TRACEBACK"):  # developers: see where a reported error came from
+            raise
         print(f"t2r-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 
 from transformers.utils import logging
 
@@ -14,13 +13,14 @@ TEMPLATE = "t2r_model_card.md"
 
 
 def _template_text() -> str:
-    """The card template: installed as package data `t2r_hf.model_cards`, or `model_cards/` of a source checkout."""
-    try:
-        return resources.files("t2r_hf.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
-    except (ModuleNotFoundError, FileNotFoundError):
-        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", TEMPLATE)
-        with open(here, encoding="utf-8") as f:
-            return f.read()
+    """The card template: package data `t2r_hf/model_cards/` when installed, `model_cards/` in a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, "model_cards"), os.path.join(os.path.dirname(here), "model_cards")):
+        path = os.path.join(folder, TEMPLATE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+    raise FileNotFoundError(f"Model card template {TEMPLATE} not found (it ships with the t2r-hf package).")
 
 
 def render_model_card(config, results: dict | None = None) -> str:

@@ -64,10 +64,10 @@ def linear_attention_naive(
     return _normalise(num, den, eps, v.dtype), (s1, z1)
 
 
-def linear_attention_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, chunk_size: int = 64, state: State | None = None
-) -> tuple[torch.Tensor, State]:
-    """Chunked causal linear attention. Never builds a T x T matrix. Returns `(y, (S, z))`."""
+def chunked_numerator_denominator(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int = 64, state: State | None = None
+) -> tuple[torch.Tensor, torch.Tensor, State]:
+    """Unnormalised chunked causal linear attention: `(num (B, Hkv, G, T, D), den (B, Hkv, G, T), (S, z))`."""
     s0, z0 = _initial_state(k, v, state)
     batch, kv_heads, length, feat = k.shape
     dim = v.shape[-1]
@@ -98,13 +98,21 @@ def linear_attention_chunked(
     den = scores.sum(-1) + torch.einsum("bhgncf,bhnf->bhgnc", qc, z_prev)
     num = num.reshape(batch, kv_heads, group, n * chunk, dim)[..., :length, :]
     den = den.reshape(batch, kv_heads, group, n * chunk)[..., :length]
-    return _normalise(num, den, eps, v.dtype), (s_incl[:, :, -1], z_incl[:, :, -1])
+    return num, den, (s_incl[:, :, -1], z_incl[:, :, -1])
 
 
-def linear_attention_recurrent(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, state: State | None = None
+def linear_attention_chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, chunk_size: int = 64, state: State | None = None
 ) -> tuple[torch.Tensor, State]:
-    """Token-by-token causal linear attention on the state `(S, z)` (the RNN form). Returns `(y, (S, z))`."""
+    """Chunked causal linear attention. Never builds a T x T matrix. Returns `(y, (S, z))`."""
+    num, den, new_state = chunked_numerator_denominator(q, k, v, chunk_size=chunk_size, state=state)
+    return _normalise(num, den, eps, v.dtype), new_state
+
+
+def recurrent_numerator_denominator(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State | None = None
+) -> tuple[torch.Tensor, torch.Tensor, State]:
+    """Unnormalised token-by-token causal linear attention: `(num, den, (S, z))` as in the chunked form."""
     s, z = _initial_state(k, v, state)
     qg = _group_queries(q, k.shape[1]).float()
     kf, vf = k.float(), v.float()
@@ -117,4 +125,12 @@ def linear_attention_recurrent(
         outputs.append((num, den))
     num = torch.stack([o[0] for o in outputs], dim=3)  # (B, Hkv, G, T, D)
     den = torch.stack([o[1] for o in outputs], dim=3)
-    return _normalise(num, den, eps, v.dtype), (s, z)
+    return num, den, (s, z)
+
+
+def linear_attention_recurrent(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, state: State | None = None
+) -> tuple[torch.Tensor, State]:
+    """Token-by-token causal linear attention on the state `(S, z)` (the RNN form). Returns `(y, (S, z))`."""
+    num, den, new_state = recurrent_numerator_denominator(q, k, v, state=state)
+    return _normalise(num, den, eps, v.dtype), new_state
