@@ -21,7 +21,8 @@ from transformers import AttentionInterface
 from transformers.utils import logging
 
 from .feature_maps import build_feature_map
-from .ops import linear_attention_chunked, linear_attention_recurrent
+from .kernels import fla_numerator_denominator, select_kernel
+from .ops import chunked_numerator_denominator, normalise, recurrent_numerator_denominator
 
 logger = logging.get_logger(__name__)
 
@@ -82,6 +83,7 @@ def attach_feature_maps(model: nn.Module, source_config, t2r_config) -> list[nn.
         attn.feature_map = build_feature_map(t2r_config.feature_map, num_kv, head_dim, t2r_config.feature_dim)
         attn.t2r_eps = float(t2r_config.eps)
         attn.t2r_chunk_size = int(t2r_config.chunk_size)
+        attn.t2r_kernel = t2r_config.kernel
     source_config._attn_implementation = ATTN_IMPLEMENTATION
     return modules
 
@@ -118,12 +120,16 @@ def t2r_attention_forward(
 
     layer = t2r_cache.layers[module.layer_idx] if t2r_cache is not None else None
     state = layer.state if layer is not None else None
-    if length == 1 and state is not None:
-        out, new_state = linear_attention_recurrent(q_feat, k_feat, value, module.t2r_eps, state=state)
+    decoding = length == 1 and state is not None
+    if select_kernel(getattr(module, "t2r_kernel", "auto"), query) == "fla":
+        num, den, new_state = fla_numerator_denominator(q_feat, k_feat, value, state=state, recurrent=decoding)
+    elif decoding:
+        num, den, new_state = recurrent_numerator_denominator(q_feat, k_feat, value, state=state)
     else:
-        out, new_state = linear_attention_chunked(
-            q_feat, k_feat, value, module.t2r_eps, chunk_size=module.t2r_chunk_size, state=state
+        num, den, new_state = chunked_numerator_denominator(
+            q_feat, k_feat, value, chunk_size=module.t2r_chunk_size, state=state
         )
+    out = normalise(num, den, module.t2r_eps, value.dtype)
     if layer is not None:
         layer.update_state(new_state, length, module.layer_idx)
     return out.transpose(1, 2).contiguous(), None

@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
+KERNELS = ("auto", "torch", "fla")  # see `t2r_hf.kernels`
 FEATURE_MAPS = ("t2r", "elu", "hedgehog")
 
 # Fields copied from the source configuration onto the T2R configuration, so that generic HF code
@@ -46,6 +47,12 @@ class T2RConfig(PreTrainedConfig):
             Each attention row is divided by `max(row_sum, eps)`, computed in fp32 (the T2R authors' value).
         chunk_size (`int`, defaults to 64):
             Chunk length of the chunked parallel form used for training and prefill.
+        kernel (`str`, defaults to `"auto"`):
+            Which implementation computes linear attention: `"auto"` uses flash-linear-attention's Triton kernels
+            for fp32 tensors on CUDA when `fla` is installed (the `gpu` extra) and PyTorch otherwise (see
+            `t2r_hf.kernels` for why half precision stays on PyTorch); `"torch"` always uses the
+            PyTorch forms; `"fla"` requires the kernels and raises where they cannot run. Not a property of the
+            weights: change it any time with `model.set_kernel(...)`.
         base_model_name_or_path (`str`, *optional*):
             Where the source weights came from; recorded in the model card.
 
@@ -68,6 +75,7 @@ class T2RConfig(PreTrainedConfig):
     feature_map: str = "t2r"
     eps: float = 1e-2
     chunk_size: int = 64
+    kernel: str = "auto"
     base_model_name_or_path: str | None = None
     use_cache: bool = True
 
@@ -97,6 +105,8 @@ class T2RConfig(PreTrainedConfig):
             raise ValueError(f"`eps` must be a positive number, got {self.eps!r}.")
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive integer, got {self.chunk_size!r}.")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"`kernel` must be one of {KERNELS}, got {self.kernel!r}.")
 
     @property
     def source_model_type(self) -> str | None:

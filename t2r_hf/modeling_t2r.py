@@ -94,6 +94,18 @@ class T2RPreTrainedModel(PreTrainedModel):
             )
         return (model, info) if want_info else model
 
+    def set_kernel(self, kernel: str) -> None:
+        """Choose the linear-attention implementation: `"auto"` (fla's Triton kernels on CUDA when installed,
+        else PyTorch), `"torch"` or `"fla"` (raises at the next forward where the kernels cannot run)."""
+        from .configuration_t2r import KERNELS
+
+        if kernel not in KERNELS:
+            raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
+        self.config.kernel = kernel
+        for module in self.modules():
+            if hasattr(module, "t2r_kernel"):
+                module.t2r_kernel = kernel
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config (with `auto_map` for AutoConfig/AutoModel/AutoModelForCausalLM), the remote code
         and a model card (`README.md`), so the folder loads with or without `t2r_hf` installed."""

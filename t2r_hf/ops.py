@@ -40,8 +40,8 @@ def _initial_state(k: torch.Tensor, v: torch.Tensor, state: State | None) -> Sta
     return s0, k.new_zeros(batch, heads, feat, dtype=torch.float32)
 
 
-def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """num: (B, Hkv, G, T, D), den: (B, Hkv, G, T) -> (B, Hq, T, D)."""
+def normalise(num: torch.Tensor, den: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """`num / max(den, eps)` in fp32, cast to `dtype`. num: (B, Hkv, G, T, D), den: (B, Hkv, G, T) -> (B, Hq, T, D)."""
     y = num / den.clamp(min=eps).unsqueeze(-1)
     batch, kv_heads, group, length, dim = y.shape
     return y.reshape(batch, kv_heads * group, length, dim).to(dtype)
@@ -61,7 +61,7 @@ def linear_attention_naive(
     den = scores.sum(-1) + torch.einsum("bhgtf,bhf->bhgt", qg, z0)
     s1 = s0 + torch.einsum("bhtf,bhtd->bhfd", kf, vf)
     z1 = z0 + kf.sum(2)
-    return _normalise(num, den, eps, v.dtype), (s1, z1)
+    return normalise(num, den, eps, v.dtype), (s1, z1)
 
 
 def chunked_numerator_denominator(
@@ -106,7 +106,7 @@ def linear_attention_chunked(
 ) -> tuple[torch.Tensor, State]:
     """Chunked causal linear attention. Never builds a T x T matrix. Returns `(y, (S, z))`."""
     num, den, new_state = chunked_numerator_denominator(q, k, v, chunk_size=chunk_size, state=state)
-    return _normalise(num, den, eps, v.dtype), new_state
+    return normalise(num, den, eps, v.dtype), new_state
 
 
 def recurrent_numerator_denominator(
@@ -133,4 +133,4 @@ def linear_attention_recurrent(
 ) -> tuple[torch.Tensor, State]:
     """Token-by-token causal linear attention on the state `(S, z)` (the RNN form). Returns `(y, (S, z))`."""
     num, den, new_state = recurrent_numerator_denominator(q, k, v, state=state)
-    return _normalise(num, den, eps, v.dtype), new_state
+    return normalise(num, den, eps, v.dtype), new_state

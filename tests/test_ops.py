@@ -110,3 +110,28 @@ def test_bad_grouping_raises():
     q, k, v = _inputs(1, 3, 2, 4, 2, 2)
     with pytest.raises(ValueError, match="query heads"):
         linear_attention_chunked(q, k, v, eps=1e-2)
+
+
+def test_kernel_option_on_cpu():
+    """`kernel` is validated; 'auto' runs the PyTorch path on CPU; 'fla' refuses clearly where it cannot run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from t2r_hf import T2RConfig, T2RForCausalLM
+
+    with pytest.raises(ValueError, match="kernel"):
+        T2RConfig(source_config=LlamaConfig(num_hidden_layers=1).to_dict(), kernel="cuda")
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1))
+    model = T2RForCausalLM.from_softmax_pretrained(src, feature_dim=8).eval()
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        auto = model(ids).logits
+        model.set_kernel("torch")
+        assert torch.equal(model(ids).logits, auto)
+        model.set_kernel("fla")
+        assert model.config.kernel == "fla"
+        with pytest.raises(RuntimeError, match="kernel='fla'.*CUDA"):
+            model(ids)
+    with pytest.raises(ValueError, match="kernel"):
+        model.set_kernel("triton")
