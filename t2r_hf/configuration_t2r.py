@@ -48,11 +48,10 @@ class T2RConfig(PreTrainedConfig):
         chunk_size (`int`, defaults to 64):
             Chunk length of the chunked parallel form used for training and prefill.
         kernel (`str`, defaults to `"auto"`):
-            Which implementation computes linear attention: `"auto"` uses flash-linear-attention's Triton kernels
-            for fp32 tensors on CUDA when `fla` is installed (the `gpu` extra) and PyTorch otherwise (see
-            `t2r_hf.kernels` for why half precision stays on PyTorch); `"torch"` always uses the
-            PyTorch forms; `"fla"` requires the kernels and raises where they cannot run. Not a property of the
-            weights: change it any time with `model.set_kernel(...)`.
+            Which implementation computes linear attention: `"auto"` picks the verified path, currently PyTorch
+            everywhere (see `t2r_hf.kernels` for the GPU measurements behind that); `"torch"` always uses the
+            PyTorch forms; `"fla"` uses flash-linear-attention's Triton kernels (the `gpu` extra) and raises
+            where they cannot run. Not a property of the weights: change it any time with `model.set_kernel(...)`.
         base_model_name_or_path (`str`, *optional*):
             Where the source weights came from; recorded in the model card.
 

@@ -16,11 +16,11 @@ Precision: the chunked kernel runs in the model's dtype (bf16/fp16 products, fp3
 decoding step always runs in fp32, since it reads the fp32 state anyway. Which path runs is chosen by the
 `kernel` option of `T2RConfig` (`"auto"`, `"torch"`, `"fla"`) and logged once.
 
-Status, measured on an H100 (bench/results/gpu): in fp32 the kernels match the PyTorch path (outputs, gradients
-and final states). In bf16, fla-core 0.6.0's chunk kernels ran SmolLM2-shaped training (value width 80) but
-faulted with illegal memory accesses for other widths, and neither kernel made decoding faster (decoding is
-bound by per-layer launch overhead, not by attention arithmetic). So `"auto"` uses fla for fp32 CUDA tensors
-only and keeps bf16/fp16 on PyTorch; `"fla"` forces the kernels (with a warning in half precision).
+Status, measured on an H100 (bench/results/gpu): in fp32 the chunk kernel matches the PyTorch path (outputs,
+gradients and final states, tests/test_gpu.py). In bf16, fla-core 0.6.0's chunk kernels ran SmolLM2-shaped
+training but faulted with illegal memory accesses for other shapes, and neither kernel made decoding faster
+(decoding is bound by per-layer launch overhead, not by attention arithmetic). So `"auto"` keeps the PyTorch
+path; `"fla"` opts in to the kernels (with a warning in half precision).
 """
 
 from __future__ import annotations
@@ -59,19 +59,19 @@ def _announce(choice: str, reason: str) -> None:
 def select_kernel(requested: str, tensor: torch.Tensor) -> str:
     """Resolve the `kernel` option for a tensor: `"fla"` or `"torch"`. Logs the choice once per choice.
 
-    `"auto"` takes fla on fp32 CUDA tensors when it is installed (half precision stays on PyTorch, see the module
-    docstring); `"fla"` insists and raises when it cannot run."""
+    `"auto"` currently resolves to PyTorch everywhere (see the module docstring for the measurements behind
+    that); `"fla"` insists on the kernels and raises where they cannot run."""
     if requested == "torch":
         _announce("PyTorch", "kernel='torch'")
         return "torch"
     if requested not in KERNELS:
         raise ValueError(f"`kernel` must be one of {KERNELS}, got {requested!r}.")
     usable = tensor.is_cuda and fla_available()
-    if requested == "auto" and usable and tensor.dtype != torch.float32:
-        # Measured on an H100 with fla-core 0.6.0 / Triton 3.6: its bf16 chunk kernels hit illegal memory accesses
-        # for some shapes (feature size 32 with value widths 16, 64 or 128), and decoding through them was slower
-        # than the PyTorch path. So "auto" keeps half precision on PyTorch; kernel="fla" still forces them.
-        _announce("PyTorch", "kernel='auto' with a half-precision model; fla's bf16 kernels are opt-in")
+    if requested == "auto":
+        # Measured on an H100 (fla-core 0.6.0, Triton 3.6): fp32 chunk kernels matched the PyTorch path, bf16 chunk
+        # kernels hit illegal memory accesses for some shapes, and decoding through the kernels was slower. Until
+        # the whole GPU suite has passed on a device, "auto" stays on the verified PyTorch path; "fla" opts in.
+        _announce("PyTorch", "kernel='auto'" + ("; fla is installed: kernel='fla' opts in to its kernels" if usable else ""))
         return "torch"
     if requested == "fla" and not usable:
         why = "the tensors are not on a CUDA device" if not tensor.is_cuda else "`fla` is not installed"
