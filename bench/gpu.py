@@ -159,21 +159,6 @@ def bench_train(arch, softmax, t2r, lengths, repeats=3):
     return rows
 
 
-def bench_compile(arch, t2r, length, steps):
-    """Does `torch.compile` of the T2R decode step pay? Batch 1, fla kernels."""
-    t2r.set_kernel("fla")
-    eager = time_decode(t2r, fill_t2r(t2r, 1, length), 1, length, steps)
-    compiled = torch.compile(t2r)
-    start = time.perf_counter()
-    time_decode(compiled, fill_t2r(t2r, 1, length), 1, length, 1, warmup=2)
-    compile_s = time.perf_counter() - start
-    fast = time_decode(compiled, fill_t2r(t2r, 1, length), 1, length, steps)
-    row = {"model": arch, "context": length, "eager_ms": round(1000 * eager, 3), "compiled_ms": round(1000 * fast, 3),
-           "compile_s": round(compile_s, 1)}
-    print("compile", row, flush=True)
-    return row
-
-
 def write_csv(rows, path):
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
@@ -232,7 +217,6 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--feature-dim", type=int, default=32)
     p.add_argument("--memory-budget-gb", type=float, default=40.0, help="largest softmax KV cache to run")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the T2R decode step")
     p.add_argument("--only", choices=["decode", "train"], help="run one of the two benchmarks")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
@@ -244,10 +228,10 @@ def main():
         args.models, args.contexts, args.batches, args.train_lengths, args.steps = ["smollm2"], [1024], [1, 4], [2048], 3
     os.makedirs(args.output, exist_ok=True)
     machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16"
-    decode, train, compiled = [], [], []
+    decode, train = [], []
 
     def save():  # after every stage, so a run cut short still leaves its figures
-        for rows in (decode, train, compiled):
+        for rows in (decode, train):
             for r in rows:
                 r["device"] = machine
         if decode:
@@ -256,8 +240,6 @@ def main():
             write_csv(train, os.path.join(args.output, "gpu_train.csv"))
         if decode and train:
             plot(decode, train, args.output, machine)
-        if compiled:
-            write_csv(compiled, os.path.join(args.output, "gpu_compile.csv"))
 
     for arch in args.models:
         softmax, t2r, params = build(arch, args.feature_dim)
@@ -271,11 +253,6 @@ def main():
             save()
         del softmax, t2r
         torch.cuda.empty_cache()
-    if args.compile:
-        softmax, t2r, _ = build(args.models[0], args.feature_dim)
-        del softmax
-        compiled.append(bench_compile(args.models[0], t2r, 4096, args.steps))
-        save()
     print(f"written to {args.output} ({machine})")
 
 
