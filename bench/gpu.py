@@ -6,7 +6,7 @@ caches), measured in the same run on the same device.
 Writes `gpu_decode.csv`, `gpu_train.csv`, their PNG plots and `gpu_summary.md`. Models are random-weight bf16
 models of SmolLM2-135M's and of a ~1.1B Llama's architecture (speed depends on shapes, not on weight values).
 Decode steps run on caches filled with random keys/values (softmax) or a random state (T2R) of the right size,
-as in `t2r-hf bench decode`. Softmax points whose KV cache exceeds `--memory-budget-gb` are recorded as
+built and timed by the same helpers as `t2r-hf bench decode` (`t2r_hf.bench`). Softmax points whose KV cache exceeds `--memory-budget-gb` are recorded as
 "over budget" rather than run.
 """
 
@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from t2r_hf import T2RCache, T2RForCausalLM  # noqa: E402
+from t2r_hf import T2RForCausalLM  # noqa: E402
+from t2r_hf.bench import kv_cache_bytes, softmax_cache, t2r_cache, time_decode  # noqa: E402
 from t2r_hf.kernels import fla_available  # noqa: E402
 
 ARCHS = {
@@ -46,70 +47,25 @@ def build(arch: str, feature_dim: int):
     return softmax, t2r, params
 
 
-def kv_geometry(config):
-    return config.num_hidden_layers, config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-
-
-def kv_bytes(config, batch, length):
-    layers, kv, hd = kv_geometry(config)
-    return 2 * layers * batch * kv * length * hd * 2
-
-
-def fill_softmax(model, batch, length, static: bool, extra: int):
-    layers, kv, hd = kv_geometry(model.config)
-    if static:
-        cache = StaticCache(config=model.config, max_cache_len=length + extra)
-    else:
-        cache = DynamicCache(config=model.config)
-    for i in range(layers):
-        k = torch.randn(batch, kv, length, hd, device="cuda", dtype=torch.bfloat16)
-        cache.update(k, torch.randn_like(k), i)
-    return cache
-
-
-def fill_t2r(model, batch, length):
-    layers, kv, hd = kv_geometry(model.source_model.config)
-    feat = model.config.feature_dim
-    cache = T2RCache(model.config)
-    for i, layer in enumerate(cache.layers):
-        s = torch.rand(batch, kv, feat, hd, device="cuda") * length / feat
-        z = torch.rand(batch, kv, feat, device="cuda") * length
-        layer.update_state((s, z), length, i)
-    return cache
-
-
-@torch.no_grad()
-def time_decode(model, cache, batch, length, steps, warmup=3):
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-    for i in range(warmup):
-        model(ids, past_key_values=cache, position_ids=torch.full((batch, 1), length + i, device="cuda"))
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        model(ids, past_key_values=cache, position_ids=torch.full((batch, 1), length + warmup + i, device="cuda"))
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
-
-
 def bench_decode(arch, softmax, t2r, contexts, batches, steps, budget):
     rows = []
     for length in contexts:
         for batch in batches:
             row = {"model": arch, "context": length, "batch": batch}
-            kv = kv_bytes(softmax.config, batch, length + steps + 8)
+            kv = kv_cache_bytes(softmax.config, batch, length + steps + 8, softmax.dtype)
             row["softmax_cache_mib_per_seq"] = round(kv / batch / 2**20, 2)
             for name, static in (("sdpa_dynamic", False), ("sdpa_static", True)):
                 if kv > budget:
                     row[f"{name}_tok_s"] = "over budget"
                     continue
                 torch.cuda.empty_cache()
-                cache = fill_softmax(softmax, batch, length, static, steps + 8)
-                row[f"{name}_tok_s"] = round(batch / time_decode(softmax, cache, batch, length, steps), 1)
+                cache = softmax_cache(softmax, batch, length, static_extra=steps + 8 if static else None)
+                row[f"{name}_tok_s"] = round(batch / time_decode(softmax, cache, batch, length, steps, 3), 1)
                 del cache
             for kernel in ("fla", "torch"):
                 t2r.set_kernel(kernel)
-                cache = fill_t2r(t2r, batch, length)
-                row[f"t2r_{kernel}_tok_s"] = round(batch / time_decode(t2r, cache, batch, length, steps), 1)
+                cache = t2r_cache(t2r, batch, length)
+                row[f"t2r_{kernel}_tok_s"] = round(batch / time_decode(t2r, cache, batch, length, steps, 3), 1)
                 row["t2r_state_mib_per_seq"] = round(cache.nbytes() / batch / 2**20, 3)
                 del cache
             best = max(v for k, v in row.items() if k.startswith("sdpa") and isinstance(v, float)) \

@@ -85,12 +85,25 @@ def _kv_geometry(config):
     return config.num_hidden_layers, num_kv, head_dim
 
 
-def softmax_cache(model, batch: int, length: int) -> DynamicCache:
-    """A softmax KV cache holding `length` random positions per layer."""
+def kv_cache_bytes(config, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of a softmax KV cache of `length` positions for `batch` sequences."""
+    layers, num_kv, head_dim = _kv_geometry(config)
+    return 2 * layers * batch * num_kv * length * head_dim * dtype.itemsize
+
+
+def softmax_cache(model, batch: int, length: int, static_extra: int | None = None) -> DynamicCache:
+    """A softmax KV cache holding `length` random positions per layer, on the model's device.
+
+    `static_extra`: build a `StaticCache` with room for that many more positions instead of a `DynamicCache`."""
+    from transformers import StaticCache
+
     layers, num_kv, head_dim = _kv_geometry(model.config)
-    cache = DynamicCache(config=model.config)
+    if static_extra is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=length + static_extra)
     for i in range(layers):
-        k = torch.randn(batch, num_kv, length, head_dim, dtype=model.dtype)
+        k = torch.randn(batch, num_kv, length, head_dim, dtype=model.dtype, device=model.device)
         cache.update(k, torch.randn_like(k), i)
     return cache
 
@@ -100,11 +113,12 @@ def t2r_cache(model, batch: int, length: int):
     from .cache import T2RCache
 
     layers, num_kv, head_dim = _kv_geometry(model.source_model.config)
-    feat = model._feature_map_owners[0].feature_map(torch.zeros(1, num_kv, 1, head_dim, dtype=model.dtype)).shape[-1]
+    probe = torch.zeros(1, num_kv, 1, head_dim, dtype=model.dtype, device=model.device)
+    feat = model._feature_map_owners[0].feature_map(probe).shape[-1]
     cache = T2RCache(model.config)
     for i, layer in enumerate(cache.layers):
-        s = torch.rand(batch, num_kv, feat, head_dim) * length
-        z = torch.rand(batch, num_kv, feat) * length
+        s = torch.rand(batch, num_kv, feat, head_dim, device=model.device) * length
+        z = torch.rand(batch, num_kv, feat, device=model.device) * length
         layer.update_state((s, z), length, i)
     return cache
 
@@ -116,15 +130,24 @@ def cache_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
-def time_decode(model, cache, batch: int, length: int, steps: int) -> float:
-    """Mean seconds per decode step (batch `batch`) continuing after `length` cached positions."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1))
-    for warm in range(2):
-        model(ids, past_key_values=cache, position_ids=torch.full((batch, 1), length + warm), use_cache=True)
+def time_decode(model, cache, batch: int, length: int, steps: int, warmup: int = 2) -> float:
+    """Mean seconds per decode step (batch `batch`) continuing after `length` cached positions (any device)."""
+    device = model.device
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    positions = lambda i: torch.full((batch, 1), length + i, device=device)  # noqa: E731
+    for i in range(warmup):
+        model(ids, past_key_values=cache, position_ids=positions(i), use_cache=True)
+    _synchronize(device)
     start = time.perf_counter()
     for i in range(steps):
-        model(ids, past_key_values=cache, position_ids=torch.full((batch, 1), length + 2 + i), use_cache=True)
+        model(ids, past_key_values=cache, position_ids=positions(warmup + i), use_cache=True)
+    _synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -148,8 +171,7 @@ def bench_decode(softmax, t2r, contexts, steps: int) -> list[dict]:
 def bench_throughput(softmax, t2r, context: int, batch_sizes, steps: int, budget_bytes: float) -> list[dict]:
     """Decode tokens/s per batch size at `context`; softmax stops where its KV cache exceeds the budget."""
     rows = []
-    layers, num_kv, head_dim = _kv_geometry(softmax.config)
-    kv_per_seq = 2 * layers * num_kv * (context + steps + 2) * head_dim * softmax.dtype.itemsize
+    kv_per_seq = kv_cache_bytes(softmax.config, 1, context + steps + 2, softmax.dtype)
     for batch in batch_sizes:
         row = {"batch": batch, "context": context}
         if batch * kv_per_seq <= budget_bytes:
