@@ -9,6 +9,12 @@ from transformers import AutoConfig, PreTrainedConfig
 KERNELS = ("auto", "torch", "fla")  # see `t2r_hf.kernels`
 FEATURE_MAPS = ("t2r", "elu", "hedgehog")
 
+
+def check_kernel(kernel: str) -> None:
+    """Raise `ValueError` unless `kernel` is one of `KERNELS`."""
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
+
 # Fields copied from the source configuration onto the T2R configuration, so that generic HF code
 # (generation, tying, resizing, Trainer) reads the same values it would read on the source model.
 _MIRRORED_FIELDS = (
@@ -104,8 +110,7 @@ class T2RConfig(PreTrainedConfig):
             raise ValueError(f"`eps` must be a positive number, got {self.eps!r}.")
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive integer, got {self.chunk_size!r}.")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"`kernel` must be one of {KERNELS}, got {self.kernel!r}.")
+        check_kernel(self.kernel)
 
     @property
     def source_model_type(self) -> str | None:

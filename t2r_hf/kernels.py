@@ -30,7 +30,7 @@ import functools
 import torch
 from transformers.utils import logging
 
-from .configuration_t2r import KERNELS
+from .configuration_t2r import check_kernel
 
 logger = logging.get_logger(__name__)
 
@@ -61,11 +61,10 @@ def select_kernel(requested: str, tensor: torch.Tensor) -> str:
 
     `"auto"` currently resolves to PyTorch everywhere (see the module docstring for the measurements behind
     that); `"fla"` insists on the kernels and raises where they cannot run."""
+    check_kernel(requested)
     if requested == "torch":
         _announce("PyTorch", "kernel='torch'")
         return "torch"
-    if requested not in KERNELS:
-        raise ValueError(f"`kernel` must be one of {KERNELS}, got {requested!r}.")
     usable = tensor.is_cuda and fla_available()
     if requested == "auto":
         # Measured on an H100 (fla-core 0.6.0, Triton 3.6): fp32 chunk kernels matched the PyTorch path, bf16 chunk
@@ -73,23 +72,19 @@ def select_kernel(requested: str, tensor: torch.Tensor) -> str:
         # the whole GPU suite has passed on a device, "auto" stays on the verified PyTorch path; "fla" opts in.
         _announce("PyTorch", "kernel='auto'" + ("; fla is installed: kernel='fla' opts in to its kernels" if usable else ""))
         return "torch"
-    if requested == "fla" and not usable:
+    if not usable:  # kernel="fla" from here on
         why = "the tensors are not on a CUDA device" if not tensor.is_cuda else "`fla` is not installed"
         raise RuntimeError(
             f"kernel='fla' was requested but {why}. Install the GPU extra (`pip install \"t2r-hf[gpu]\"`) and run "
             "on CUDA, or set `model.config.kernel = 'auto'` (or 'torch') to use the PyTorch path."
         )
-    if usable:
-        if tensor.dtype != torch.float32 and "fla-half" not in _announced:
-            _announced.add("fla-half")
-            logger.warning("kernel='fla' with a half-precision model: fla-core 0.6.0's bf16 chunk kernels faulted for "
-                           "some shapes in our GPU tests (see t2r_hf/kernels.py); use kernel='auto' if a CUDA "
-                           "illegal-memory-access error appears.")
-        _announce("flash-linear-attention (Triton)", f"kernel={requested!r}, CUDA and fla available")
-        return "fla"
-    reason = "not on CUDA" if not tensor.is_cuda else "fla not installed"
-    _announce("PyTorch", f"kernel='auto', {reason}")
-    return "torch"
+    if tensor.dtype != torch.float32 and "fla-half" not in _announced:
+        _announced.add("fla-half")
+        logger.warning("kernel='fla' with a half-precision model: fla-core 0.6.0's bf16 chunk kernels faulted for "
+                       "some shapes in our GPU tests (see t2r_hf/kernels.py); use kernel='auto' if a CUDA "
+                       "illegal-memory-access error appears.")
+    _announce("flash-linear-attention (Triton)", "kernel='fla', CUDA and fla available")
+    return "fla"
 
 
 def fla_numerator_denominator(

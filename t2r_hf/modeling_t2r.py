@@ -95,12 +95,11 @@ class T2RPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     def set_kernel(self, kernel: str) -> None:
-        """Choose the linear-attention implementation: `"auto"` (fla's Triton kernels on CUDA when installed,
-        else PyTorch), `"torch"` or `"fla"` (raises at the next forward where the kernels cannot run)."""
-        from .configuration_t2r import KERNELS
+        """Choose the linear-attention implementation: `"auto"` (the verified path, currently PyTorch), `"torch"`
+        or `"fla"` (flash-linear-attention's kernels; raises at the next forward where they cannot run)."""
+        from .configuration_t2r import check_kernel
 
-        if kernel not in KERNELS:
-            raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
+        check_kernel(kernel)
         self.config.kernel = kernel
         for module in self.modules():
             if hasattr(module, "t2r_kernel"):

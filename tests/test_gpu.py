@@ -91,14 +91,19 @@ def _smollm2_shaped(dtype):
                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
 
 
+@torch.no_grad()
+def _logits_fla_and_torch(model, ids):
+    """Logits of one forward through fla's kernels and one through the PyTorch path; leaves kernel='fla' set."""
+    model.set_kernel("torch")
+    ref = model(ids).logits
+    model.set_kernel("fla")
+    return model(ids).logits, ref
+
+
 def test_model_logits_generation_and_padding_match_pytorch_path():
     model = _tiny_llama()
     ids = torch.randint(0, 128, (2, 200), device=CUDA)
-    with torch.no_grad():
-        model.set_kernel("torch")
-        ref = model(ids).logits
-        model.set_kernel("fla")
-        out = model(ids).logits
+    out, ref = _logits_fla_and_torch(model, ids)
     assert _rel(out, ref) < 1e-3
 
     prompt = ids[:1, :37]
@@ -142,14 +147,9 @@ def test_bf16_model_training_step_and_long_generation():
         grads[kernel] = torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if "feature_map" in n])
     assert torch.isfinite(grads["fla"]).all()
     assert _rel(grads["fla"], grads["torch"]) < 5e-2
-    with torch.no_grad():
-        model.set_kernel("torch")
-        ref = model(ids).logits
-        model.set_kernel("fla")
-        out = model(ids).logits
+    out, ref = _logits_fla_and_torch(model, ids)
     assert _rel(out, ref) < 5e-2
 
-    model.set_kernel("fla")
     gen = model.generate(ids[:1, :64], max_new_tokens=300, do_sample=True, top_k=50, return_dict_in_generate=True,
                          output_logits=True)
     assert torch.isfinite(torch.stack(gen.logits)).all()
