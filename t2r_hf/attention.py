@@ -7,6 +7,11 @@ and gives each attention module a `feature_map` child. So the source parameters 
 the only new parameters are the feature maps, and the source's forward (embeddings, norms, MLPs, heads) runs
 unchanged.
 
+Two options change a layer's form (see `ops.py` for the formulas): with `window_size = W > 0` every converted
+layer is a sliding-window hybrid (softmax over the last `W` keys, linear attention beyond, one normaliser, a
+learned per-head `window_factor`), and the layers listed in `softmax_layers` keep their exact softmax attention
+with an ordinary key/value cache (they get no feature map).
+
 The recurrent state does not go through the family's KV-cache plumbing (which would store a growing history):
 the T2R model calls the source model without a cache and hands the `T2RCache` and the padding mask to the
 attention function through keyword arguments (`t2r_cache`, `t2r_padding_mask`), which every supported family
@@ -20,9 +25,15 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.utils import logging
 
-from .feature_maps import build_feature_map
+from .feature_maps import WindowFactor, build_feature_map
 from .kernels import fla_numerator_denominator, select_kernel
-from .ops import chunked_numerator_denominator, normalise, recurrent_numerator_denominator
+from .ops import (
+    chunked_numerator_denominator,
+    hybrid_numerator_denominator,
+    normalise,
+    recurrent_numerator_denominator,
+    softmax_attention,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -75,17 +86,74 @@ def find_attention_modules(model: nn.Module, source_config) -> list[nn.Module]:
 
 
 def attach_feature_maps(model: nn.Module, source_config, t2r_config) -> list[nn.Module]:
-    """Give every attention module of `model` a `feature_map` and the T2R options; switch it to `"t2r"`."""
+    """Give every converted attention module of `model` a `feature_map` (and, with a sliding window, a
+    `window_factor`) and the T2R options; mark the `softmax_layers` as kept; switch `model` to `"t2r"`.
+
+    Returns the converted modules (those with a feature map), in layer order."""
     check_supported(source_config)
-    _, num_kv, head_dim = head_geometry(source_config)
+    num_heads, num_kv, head_dim = head_geometry(source_config)
     modules = find_attention_modules(model, source_config)
-    for attn in modules:
-        attn.feature_map = build_feature_map(t2r_config.feature_map, num_kv, head_dim, t2r_config.feature_dim)
+    keep_softmax = set(getattr(t2r_config, "softmax_layers", None) or ())
+    window = int(getattr(t2r_config, "window_size", 0) or 0)
+    converted = []
+    for index, attn in enumerate(modules):
+        attn.t2r_softmax = index in keep_softmax
+        attn.t2r_window = 0 if attn.t2r_softmax else window
         attn.t2r_eps = float(t2r_config.eps)
         attn.t2r_chunk_size = int(t2r_config.chunk_size)
         attn.t2r_kernel = t2r_config.kernel
+        if attn.t2r_softmax:
+            continue
+        attn.feature_map = build_feature_map(t2r_config.feature_map, num_kv, head_dim, t2r_config.feature_dim)
+        if window:
+            attn.window_factor = WindowFactor(num_heads)
+        converted.append(attn)
     source_config._attn_implementation = ATTN_IMPLEMENTATION
-    return modules
+    return converted
+
+
+def _padding_valid(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool validity of the new positions (all True without a padding mask)."""
+    if mask is None:
+        return torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
+    return mask.bool()
+
+
+def _softmax_layer_forward(module, query, key, value, layer, padding_mask, kwargs) -> tuple[torch.Tensor, None]:
+    """A layer kept as softmax attention: the exact attention over its own growing key/value cache."""
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    valid = _padding_valid(padding_mask, key)
+    if layer is not None:
+        key, value, valid = layer.append(key, value, valid)
+    valid = None if bool(valid.all()) else valid
+    dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
+    out = softmax_attention(query, key, value, scaling, valid, kwargs.get("sliding_window"), dropout)
+    return out.contiguous(), None
+
+
+def _window_forward(module, query, key, value, q_feat, layer, padding_mask, kwargs) -> torch.Tensor:
+    """A sliding-window hybrid layer: returns the normalised output (B, Hq, T, D)."""
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    state = layer.state if layer is not None else None
+    ring = layer.ring if layer is not None else None
+    num, den, new_state, new_ring = hybrid_numerator_denominator(
+        query,
+        q_feat,
+        key,
+        value,
+        module.feature_map,
+        module.t2r_window,
+        scaling,
+        module.window_factor(),
+        valid=padding_mask,
+        state=state,
+        ring=ring,
+        chunk_size=module.t2r_chunk_size,
+    )
+    if layer is not None:
+        layer.update_state(new_state, query.shape[2], module.layer_idx)
+        layer.update_ring(new_ring)
+    return normalise(num, den, module.t2r_eps, value.dtype)
 
 
 def t2r_attention_forward(
@@ -102,7 +170,11 @@ def t2r_attention_forward(
 
     query: (B, Hq, T, D); key, value: (B, Hkv, T, D); t2r_padding_mask: (B, T), 1 for real tokens.
     Returns the output as (B, T, Hq, D), like the other attention functions, and no attention weights.
+    Layers kept as softmax and sliding-window layers take their own paths (see the module docstring).
     """
+    layer = t2r_cache.layers[module.layer_idx] if t2r_cache is not None else None
+    if getattr(module, "t2r_softmax", False):
+        return _softmax_layer_forward(module, query, key, value, layer, t2r_padding_mask, kwargs)
     feature_map = getattr(module, "feature_map", None)
     if feature_map is None:
         raise RuntimeError(
@@ -113,12 +185,14 @@ def t2r_attention_forward(
     num_kv = key.shape[1]
     q_feat = feature_map(query.view(batch, num_kv, num_q_heads // num_kv, length, head_dim))  # (B, Hkv, G, T, F)
     q_feat = q_feat.reshape(batch, num_q_heads, length, -1)  # (B, Hq, T, F)
+    if getattr(module, "t2r_window", 0):
+        out = _window_forward(module, query, key, value, q_feat, layer, t2r_padding_mask, kwargs)
+        return out.transpose(1, 2).contiguous(), None
     k_feat = feature_map(key)  # (B, Hkv, T, F)
     if t2r_padding_mask is not None:
         keep = t2r_padding_mask[:, None, :, None].to(k_feat.dtype)
         k_feat, value = k_feat * keep, value * keep.to(value.dtype)
 
-    layer = t2r_cache.layers[module.layer_idx] if t2r_cache is not None else None
     state = layer.state if layer is not None else None
     decoding = length == 1 and state is not None
     if select_kernel(getattr(module, "t2r_kernel", "auto"), query) == "fla":

@@ -1,7 +1,8 @@
 """The recurrent cache of a T2R model: a fixed-size state `(S, z)` per layer instead of a growing KV cache.
 
-`T2RCache` is a `transformers.Cache` whose layers are `T2RStateLayer` objects, so `generate` drives it with its
-usual calls (`get_seq_length`, `reorder_cache` for beam search, `batch_repeat_interleave`, `batch_select_indices`).
+`T2RCache` is a `transformers.Cache` whose layers are `T2RStateLayer` objects (plus, with a sliding window, a
+fixed `W`-position key/value ring) and, for the layers kept as softmax (`softmax_layers`), `T2RSoftmaxLayer`
+objects holding an ordinary growing key/value cache. `generate` drives it with its usual calls (`get_seq_length`, `reorder_cache` for beam search, `batch_repeat_interleave`, `batch_select_indices`).
 Operations a recurrent state cannot honour (`crop`, used by assisted decoding) raise a clear error.
 """
 
@@ -12,7 +13,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 
 class T2RStateLayer(CacheLayerMixin):
-    """One layer's recurrent state: `S` `(B, Hkv, F, D)` and `z` `(B, Hkv, F)`, both fp32, plus a token count."""
+    """One layer's recurrent state: `S` `(B, Hkv, F, D)` and `z` `(B, Hkv, F)`, both fp32, plus a token count.
+
+    With a sliding window it also holds the ring of the last `W` positions: keys and values `(B, Hkv, W, D)` in
+    the model's dtype and their validity `(B, W)` (False for padding and not-yet-filled slots). Its size is fixed
+    from the first token on.
+    """
 
     is_compileable = False
     is_croppable = False
@@ -22,6 +28,9 @@ class T2RStateLayer(CacheLayerMixin):
         super().__init__()
         self.state_s: torch.Tensor | None = None
         self.state_z: torch.Tensor | None = None
+        self.ring_keys: torch.Tensor | None = None
+        self.ring_values: torch.Tensor | None = None
+        self.ring_valid: torch.Tensor | None = None
         self.seen_tokens = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -51,6 +60,15 @@ class T2RStateLayer(CacheLayerMixin):
         self.seen_tokens += num_new_tokens
         self.is_initialized = True
 
+    @property
+    def ring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`(keys, values, valid)` of the last `W` positions (sliding-window layers), or None."""
+        return None if self.ring_keys is None else (self.ring_keys, self.ring_values, self.ring_valid)
+
+    def update_ring(self, ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Store the window ring after the latest tokens (call after `update_state`)."""
+        self.ring_keys, self.ring_values, self.ring_valid = ring
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return query_length, 0
 
@@ -60,15 +78,18 @@ class T2RStateLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    _TENSORS = ("state_s", "state_z", "ring_keys", "ring_values", "ring_valid")
+
     def nbytes(self) -> int:
-        """Bytes held by the state tensors."""
-        if self.state_s is None:
-            return 0
-        return self.state_s.numel() * self.state_s.element_size() + self.state_z.numel() * self.state_z.element_size()
+        """Bytes held by the state tensors (and the window ring)."""
+        tensors = [getattr(self, name) for name in self._TENSORS]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _map(self, fn) -> None:
-        if self.state_s is not None:
-            self.state_s, self.state_z = fn(self.state_s), fn(self.state_z)
+        for name in self._TENSORS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -86,8 +107,83 @@ class T2RStateLayer(CacheLayerMixin):
         )
 
     def reset(self) -> None:
-        self.state_s = self.state_z = None
+        for name in self._TENSORS:
+            setattr(self, name, None)
         self.seen_tokens = 0
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        pass
+
+
+class T2RSoftmaxLayer(CacheLayerMixin):
+    """The cache of a layer kept as softmax attention: keys and values `(B, Hkv, L, D)` and their validity
+    `(B, L)` (False for padding), growing by one position per token like any key/value cache."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to pre-allocate: the first `append` creates the tensors."""
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise RuntimeError("T2R softmax layers are updated by the T2R attention with `append`.")
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Append the new positions; return the whole history `(keys, values, valid)`."""
+        if self.keys is None:
+            self.keys, self.values, self.valid = keys, values, valid
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=2)
+            self.values = torch.cat([self.values, values], dim=2)
+            self.valid = torch.cat([self.valid, valid], dim=1)
+        self.is_initialized = True
+        return self.keys, self.values, self.valid
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes held by the keys, values and validity mask."""
+        tensors = (self.keys, self.values, self.valid)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def _map(self, fn) -> None:
+        if self.keys is not None:
+            self.keys, self.values, self.valid = fn(self.keys), fn(self.values), fn(self.valid)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "A T2R cache cannot be cropped: its linear-attention layers keep no per-token history to roll back."
+        )
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = None
 
     def offload(self) -> None:
         self._map(lambda t: t.to("cpu", non_blocking=True))
@@ -103,8 +199,9 @@ class T2RCache(Cache):
     `outputs.past_key_values` back to continue from where a previous call stopped.
 
     Args:
-        config: the T2R model's configuration (its `num_hidden_layers` sets the number of layers).
-        num_layers: the number of layers, instead of `config`.
+        config: the T2R model's configuration: `num_hidden_layers` sets the number of layers and
+            `softmax_layers` which of them keep a key/value cache (`T2RSoftmaxLayer`).
+        num_layers: the number of layers, instead of `config` (all of them recurrent).
 
     Example:
     ```python
@@ -114,14 +211,17 @@ class T2RCache(Cache):
     """
 
     def __init__(self, config=None, num_layers: int | None = None):
+        softmax_layers: set[int] = set()
         if num_layers is None:
             if config is None:
                 raise ValueError("T2RCache needs `config` or `num_layers`.")
             num_layers = config.num_hidden_layers
-        super().__init__(layers=[T2RStateLayer() for _ in range(num_layers)])
+            softmax_layers = set(getattr(config, "softmax_layers", None) or ())
+        layers = [T2RSoftmaxLayer() if i in softmax_layers else T2RStateLayer() for i in range(num_layers)]
+        super().__init__(layers=layers)
 
     def nbytes(self) -> int:
-        """Total bytes held by every layer's state."""
+        """Total bytes held by every layer (the states, the window rings and the softmax layers' caches)."""
         return sum(layer.nbytes() for layer in self.layers)
 
     @property
@@ -132,4 +232,4 @@ class T2RCache(Cache):
         self.layers[0].crop(tokens_to_remove)
 
 
-__all__ = ["T2RCache", "T2RStateLayer"]
+__all__ = ["T2RCache", "T2RSoftmaxLayer", "T2RStateLayer"]

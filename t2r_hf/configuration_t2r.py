@@ -58,6 +58,14 @@ class T2RConfig(PreTrainedConfig):
             everywhere (see `t2r_hf.kernels` for the GPU measurements behind that); `"torch"` always uses the
             PyTorch forms; `"fla"` uses flash-linear-attention's Triton kernels (the `gpu` extra) and raises
             where they cannot run. Not a property of the weights: change it any time with `model.set_kernel(...)`.
+        window_size (`int`, defaults to 0):
+            `0`: pure T2R. `W > 0`: every converted layer is a sliding-window hybrid (LoLCATs): softmax weights over
+            the last `W` keys and linear attention beyond them, under one normaliser, the softmax part weighted by
+            a learned per-head factor `sigmoid(w)` (initially 0.1). Decoding keeps a `W`-position key/value ring
+            beside each state, so memory stays constant. The exact form is in `t2r_hf/ops.py`.
+        softmax_layers (`list[int]`, defaults to `[]`):
+            Indices of layers that keep their original softmax attention (and an ordinary, growing key/value
+            cache in generation). At least one layer must be converted.
         base_model_name_or_path (`str`, *optional*):
             Where the source weights came from; recorded in the model card.
 
@@ -81,6 +89,8 @@ class T2RConfig(PreTrainedConfig):
     eps: float = 1e-2
     chunk_size: int = 64
     kernel: str = "auto"
+    window_size: int = 0
+    softmax_layers: list[int] | None = None
     base_model_name_or_path: str | None = None
     use_cache: bool = True
 
@@ -111,6 +121,35 @@ class T2RConfig(PreTrainedConfig):
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive integer, got {self.chunk_size!r}.")
         check_kernel(self.kernel)
+        if not isinstance(self.window_size, int) or isinstance(self.window_size, bool) or self.window_size < 0:
+            raise ValueError(
+                f"`window_size` must be an integer >= 0 (0 for pure T2R), got {self.window_size!r}."
+            )
+        if self.window_size and self.kernel == "fla":
+            raise ValueError(
+                "kernel='fla' runs pure T2R layers only; a sliding window (`window_size > 0`) runs on the PyTorch "
+                "path. Use kernel='auto' or 'torch'."
+            )
+        layers = [] if self.softmax_layers is None else self.softmax_layers
+        if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layers
+        ):
+            raise ValueError(f"`softmax_layers` must be a list of layer indices, got {self.softmax_layers!r}.")
+        num_layers = getattr(self, "num_hidden_layers", None) if self.source_config is not None else None
+        bad = [i for i in layers if i < 0 or (num_layers is not None and i >= num_layers)]
+        if bad:
+            span = f"0..{num_layers - 1}" if num_layers is not None else ">= 0"
+            raise ValueError(
+                f"`softmax_layers` {bad} out of range: layer indices must be in {span} "
+                "(negative indices are not accepted)."
+            )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"`softmax_layers` lists a layer twice: {list(layers)}.")
+        if num_layers is not None and len(layers) >= num_layers:
+            raise ValueError(
+                f"`softmax_layers` keeps all {num_layers} layers as softmax: nothing would be converted."
+            )
+        self.softmax_layers = sorted(layers)
 
     @property
     def source_model_type(self) -> str | None:

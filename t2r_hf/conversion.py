@@ -10,10 +10,11 @@ from transformers.utils import logging
 
 from .attention import check_supported
 from .configuration_t2r import T2RConfig
+from .modeling_t2r import is_t2r_parameter
 
 logger = logging.get_logger(__name__)
 
-T2R_OPTIONS = ("feature_map", "eps", "chunk_size")
+T2R_OPTIONS = ("feature_map", "eps", "chunk_size", "kernel", "window_size", "softmax_layers")
 
 
 def _load_source(source, loader_kwargs: dict) -> PreTrainedModel:
@@ -71,17 +72,19 @@ def convert_softmax_model(cls, source, feature_dim: int = 32, **options):
     source_state = {k: v for k, v in model.state_dict().items()}
     param = next(model.parameters())
     t2r = cls(config, source_model=model)
-    for fmap_owner in t2r._feature_map_owners:
-        fmap_owner.feature_map.to(device=param.device, dtype=param.dtype)
+    for owner in t2r._feature_map_owners:
+        owner.feature_map.to(device=param.device, dtype=param.dtype)
+        if hasattr(owner, "window_factor"):
+            owner.window_factor.to(device=param.device, dtype=param.dtype)
 
     # Conversion is a state-dict copy: the source keys and tensors are untouched; the feature maps are the only new keys.
     state = t2r.state_dict()
     missing = set(source_state) - set(state)
     added = set(state) - set(source_state)
-    if missing or any("feature_map" not in k.split(".") for k in added):
+    if missing or any(not is_t2r_parameter(k) for k in added):
         raise RuntimeError(
             f"Conversion changed the source parameters: missing {sorted(missing)[:5]}, unexpected "
-            f"{sorted(k for k in added if 'feature_map' not in k)[:5]}."
+            f"{sorted(k for k in added if not is_t2r_parameter(k))[:5]}."
         )
     changed = [k for k, v in source_state.items() if state[k].data_ptr() != v.data_ptr()]
     if changed:
@@ -89,10 +92,13 @@ def convert_softmax_model(cls, source, feature_dim: int = 32, **options):
     t2r.generation_config = copy.deepcopy(model.generation_config)
     t2r.name_or_path = config.base_model_name_or_path or ""
     logger.info(
-        "Converted %s to T2R: %d layers, feature map %r, %d new parameters.",
+        "Converted %s to T2R: %d of %d layers (softmax kept in %s), feature map %r, window %d, %d new parameters.",
         config.source_model_type,
+        config.num_hidden_layers - len(config.softmax_layers),
         config.num_hidden_layers,
+        config.softmax_layers or "none",
         config.feature_map,
-        sum(p.numel() for p in t2r.feature_map_parameters()),
+        config.window_size,
+        sum(p.numel() for p in t2r.t2r_parameters()),
     )
     return t2r

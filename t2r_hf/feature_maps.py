@@ -90,6 +90,34 @@ class EluFeatureMap(nn.Module):
         return F.elu(x) + 1
 
 
+class WindowFactor(nn.Module):
+    """The learned weight `g = sigmoid(w_h)` of the softmax window against the linear part, one per query head
+    (LoLCATs' window factor; see `ops.py` for the hybrid's exact form).
+
+    `w` starts at `log(1/9)` (`g = 0.1`), LoLCATs' initial value, and is trained with the feature maps during
+    attention transfer."""
+
+    INITIAL_LOGIT = -2.1972245773362196  # sigmoid(INITIAL_LOGIT) = 0.1
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.logit = nn.Parameter(torch.empty(num_heads))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Every head at `g = 0.1`."""
+        self.logit.fill_(self.INITIAL_LOGIT)
+
+    def forward(self) -> torch.Tensor:
+        """`g` per query head, `(num_heads,)`, in fp32."""
+        return torch.sigmoid(self.logit.float())
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+
 FEATURE_MAP_CLASSES: dict[str, type[nn.Module]] = {
     "t2r": T2RFeatureMap,
     "elu": EluFeatureMap,

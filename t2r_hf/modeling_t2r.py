@@ -23,6 +23,13 @@ from .configuration_t2r import T2RConfig
 logger = logging.get_logger(__name__)
 
 FEATURE_MAP_KEY = "feature_map"
+WINDOW_FACTOR_KEY = "window_factor"
+T2R_PARAMETER_KEYS = (FEATURE_MAP_KEY, WINDOW_FACTOR_KEY)  # submodule names of every parameter T2R adds
+
+
+def is_t2r_parameter(name: str) -> bool:
+    """Whether the parameter (or state-dict key) `name` is one T2R added rather than a source parameter."""
+    return any(key in name.split(".") for key in T2R_PARAMETER_KEYS)
 
 
 class T2RPreTrainedModel(PreTrainedModel):
@@ -77,18 +84,23 @@ class T2RPreTrainedModel(PreTrainedModel):
         self._source.set_input_embeddings(value)
 
     def feature_map_parameters(self) -> list[nn.Parameter]:
-        """The parameters T2R added (one feature map per attention); everything else is the source's."""
+        """The feature maps' parameters (one map per converted attention)."""
         return [p for n, p in self.named_parameters() if FEATURE_MAP_KEY in n.split(".")]
+
+    def t2r_parameters(self) -> list[nn.Parameter]:
+        """Every parameter T2R added: the feature maps and, with a sliding window, the window factors. Everything
+        else is the source model's."""
+        return [p for n, p in self.named_parameters() if is_t2r_parameter(n)]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load a saved T2R model; a checkpoint that lacks feature-map weights is an error, never a random init."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = sorted(k for k in info.get("missing_keys", ()) if FEATURE_MAP_KEY in k.split("."))
+        missing = sorted(k for k in info.get("missing_keys", ()) if is_t2r_parameter(k))
         if missing:
             raise ValueError(
-                f"The checkpoint has no weights for {len(missing)} T2R feature-map parameters (e.g. {missing[0]}). "
+                f"The checkpoint has no weights for {len(missing)} T2R parameters (e.g. {missing[0]}). "
                 "It is not a trained T2R checkpoint: convert a softmax model with "
                 "`T2RForCausalLM.from_softmax_pretrained(...)` instead of loading it."
             )
@@ -100,6 +112,11 @@ class T2RPreTrainedModel(PreTrainedModel):
         from .configuration_t2r import check_kernel
 
         check_kernel(kernel)
+        if kernel == "fla" and self.config.window_size:
+            raise ValueError(
+                "kernel='fla' runs pure T2R layers only; this model has a sliding window (window_size="
+                f"{self.config.window_size}), which runs on the PyTorch path. Use 'auto' or 'torch'."
+            )
         self.config.kernel = kernel
         for module in self.modules():
             if hasattr(module, "t2r_kernel"):
@@ -232,11 +249,13 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
         Args:
             source: a hub id or local folder, or an already-loaded `PreTrainedModel`.
             feature_dim: `k`, the feature-map size (see [`T2RConfig`]).
-            **options: T2R options (`feature_map`, `eps`, `chunk_size`); every other keyword (`dtype`,
-                `revision`, `gguf_file`, `device_map`, ...) goes to the source loader.
+            **options: T2R options (`feature_map`, `eps`, `chunk_size`, `kernel`, `window_size`,
+                `softmax_layers`; see [`T2RConfig`]); every other keyword (`dtype`, `revision`, `gguf_file`,
+                `device_map`, ...) goes to the source loader.
 
         The source weights are kept as they are (same names, same values); the only new parameters are the
-        feature maps, initialised as documented in `feature_maps.py`.
+        feature maps (and, with `window_size > 0`, one window factor per converted layer), initialised as
+        documented in `feature_maps.py`. Layers listed in `softmax_layers` are left exactly as they were.
         """
         from .conversion import convert_softmax_model
 
