@@ -1,9 +1,11 @@
 """Benchmarks of a T2R model against its softmax original, measured side by side in the same run.
 
-    t2r-hf bench decode      ms/token and cache bytes per sequence vs context length (batch 1)
+    t2r-hf bench decode      ms/token and cache bytes per sequence vs context length (batch 1), with the
+                             sliding-window hybrid (`--window-size`, default 64) beside pure T2R
     t2r-hf bench throughput  batched decode tokens/s vs batch size at a long context, under a memory budget
     t2r-hf bench train       forward+backward tokens/s vs sequence length (chunked T2R vs softmax SDPA)
-    t2r-hf bench accuracy    held-out perplexity vs training tokens (swap, transfer, transfer+finetune, LoRA)
+    t2r-hf bench accuracy    held-out perplexity vs training tokens (swap, transfer, transfer+finetune, LoRA,
+                             and transfer / transfer+finetune of the window hybrid)
     t2r-hf bench all         the four above
 
 Each writes `<name>.csv` and `<name>.png` under `--output`. Decode benchmarks time steps on caches filled with
@@ -37,6 +39,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="smollm2: the real SmolLM2-135M; tiny: a random 2-layer Llama (for --quick checks)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts run, in seconds")
     p.add_argument("--feature-dim", type=int, default=32)
+    p.add_argument("--window-size", type=int, default=64,
+                   help="window of the hybrid model compared in decode and accuracy (0: leave it out)")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per point")
     p.add_argument("--throughput-context", type=int, default=4096)
@@ -78,6 +82,15 @@ def load_pair(name: str, feature_dim: int = 32):
     return softmax, t2r, tokenizer
 
 
+def make_hybrid(softmax, feature_dim: int, window_size: int):
+    """A sliding-window hybrid T2R copy of `softmax` (same seed for its feature maps as `load_pair`'s model)."""
+    from .modeling_t2r import T2RForCausalLM
+
+    torch.manual_seed(0)
+    return T2RForCausalLM.from_softmax_pretrained(copy.deepcopy(softmax), feature_dim=feature_dim,
+                                                  window_size=window_size).eval()
+
+
 def _kv_geometry(config):
     from .attention import head_geometry
 
@@ -109,7 +122,8 @@ def softmax_cache(model, batch: int, length: int, static_extra: int | None = Non
 
 
 def t2r_cache(model, batch: int, length: int):
-    """A T2R cache whose state stands for `length` random positions (same shapes as after a real prefill)."""
+    """A T2R cache whose state stands for `length` random positions (same shapes as after a real prefill; with a
+    sliding window, a full ring of random keys/values too)."""
     from .cache import T2RCache
 
     layers, num_kv, head_dim = _kv_geometry(model.source_model.config)
@@ -120,6 +134,11 @@ def t2r_cache(model, batch: int, length: int):
         s = torch.rand(batch, num_kv, feat, head_dim, device=model.device) * length
         z = torch.rand(batch, num_kv, feat, device=model.device) * length
         layer.update_state((s, z), length, i)
+        window = model.config.window_size
+        if window:
+            keys = torch.randn(batch, num_kv, window, head_dim, dtype=model.dtype, device=model.device)
+            valid = torch.ones(batch, window, dtype=torch.bool, device=model.device)
+            layer.update_ring((keys, torch.randn_like(keys), valid))
     return cache
 
 
@@ -151,12 +170,15 @@ def time_decode(model, cache, batch: int, length: int, steps: int, warmup: int =
     return (time.perf_counter() - start) / steps
 
 
-def bench_decode(softmax, t2r, contexts, steps: int) -> list[dict]:
-    """Batch-1 decode ms/token and cache bytes per sequence at each context length."""
+def bench_decode(softmax, t2r, contexts, steps: int, hybrid=None) -> list[dict]:
+    """Batch-1 decode ms/token and cache bytes per sequence at each context length (and the hybrid's, if given)."""
     rows = []
+    models = [("softmax", softmax, softmax_cache), ("t2r", t2r, t2r_cache)]
+    if hybrid is not None:
+        models.append(("hybrid", hybrid, t2r_cache))
     for length in contexts:
         row = {"context": length}
-        for name, model, make in (("softmax", softmax, softmax_cache), ("t2r", t2r, t2r_cache)):
+        for name, model, make in models:
             cache = make(model, 1, length)
             row[f"{name}_cache_bytes"] = cache_bytes(cache)
             row[f"{name}_ms_per_token"] = round(1000 * time_decode(model, cache, 1, length, steps), 3)
@@ -229,8 +251,9 @@ def _lm_steps(model, blocks, steps: int, lr: float, params, offset: int = 0):
     model.eval()
 
 
-def bench_accuracy(softmax, t2r, tokenizer, budgets, block_size: int, eval_blocks: int) -> list[dict]:
-    """Held-out perplexity vs training tokens for each recipe, with the softmax original as reference."""
+def bench_accuracy(softmax, t2r, tokenizer, budgets, block_size: int, eval_blocks: int, hybrid=None) -> list[dict]:
+    """Held-out perplexity vs training tokens for each recipe, with the softmax original as reference; with
+    `hybrid`, its transfer and transfer+finetune curves at the same budgets."""
     from .data import corpus_path
     from .evaluation import perplexity, tokenize_blocks
     from .finetune import apply_lora
@@ -249,8 +272,8 @@ def bench_accuracy(softmax, t2r, tokenizer, budgets, block_size: int, eval_block
     rows = [{"recipe": "softmax (original)", "train_tokens": 0, "ppl": round(reference, 3)}]
     initial = copy.deepcopy(t2r.state_dict())
 
-    def curve(recipe: str, prepare, step_fn):
-        t2r.load_state_dict(initial)
+    def curve(recipe: str, prepare, step_fn, base=t2r, start=initial):
+        base.load_state_dict(start)
         model = prepare()
         done = 0
         for budget in budgets:
@@ -281,6 +304,22 @@ def bench_accuracy(softmax, t2r, tokenizer, budgets, block_size: int, eval_block
           lambda m, n, off: _lm_steps(m, train, n, 1e-3, [p for p in m.parameters() if p.requires_grad],
                                       transfer_steps + off))
     t2r.load_state_dict(initial)
+    if hybrid is not None:
+        window = hybrid.config.window_size
+        hybrid_initial = copy.deepcopy(hybrid.state_dict())
+        curve(f"hybrid W={window}: transfer", lambda: hybrid,
+              lambda m, n, off: n and attention_transfer(m, train[off:], max_steps=n, progress=False),
+              base=hybrid, start=hybrid_initial)
+
+        def hybrid_transferred():
+            if transfer_steps:
+                attention_transfer(hybrid, train, max_steps=transfer_steps, progress=False)
+            return hybrid
+
+        curve(f"hybrid W={window}: transfer ({transfer_steps * block_size} tok) + finetune", hybrid_transferred,
+              lambda m, n, off: _lm_steps(m, train, n, 1e-4, list(m.parameters()), transfer_steps + off),
+              base=hybrid, start=hybrid_initial)
+        hybrid.load_state_dict(hybrid_initial)
     return rows
 
 
@@ -305,7 +344,9 @@ def plot(name: str, rows: list[dict], path: str, machine: str) -> None:
     num = lambda v: v if isinstance(v, (int, float)) else float("nan")  # noqa: E731
     if name == "decode":
         x = [r["context"] for r in rows]
-        for label in ("softmax", "t2r"):
+        for label in ("softmax", "t2r", "hybrid"):
+            if f"{label}_ms_per_token" not in rows[0]:
+                continue
             axes[0].plot(x, [r[f"{label}_ms_per_token"] for r in rows], marker="o", label=label)
             axes[1].plot(x, [r[f"{label}_cache_bytes"] / 2**20 for r in rows], marker="o", label=label)
         axes[0].set(xlabel="context (tokens)", ylabel="ms / token", xscale="log", title="decode latency, batch 1")
@@ -350,11 +391,15 @@ def run_benchmarks(names, output: str, model: str = "smollm2", quick: bool = Fal
                        budgets=[0, 1, 2], block_size=32, eval_blocks=1)
     os.makedirs(output, exist_ok=True)
     softmax, t2r, tokenizer = load_pair(model, options.get("feature_dim", 32))
+    window = options.get("window_size", 64)
+    if quick and window:
+        window = min(window, 8)
+    hybrid = make_hybrid(softmax, options.get("feature_dim", 32), window) if window else None
     machine = machine_description()
     results = {}
     for name in names:
         if name == "decode":
-            rows = bench_decode(softmax, t2r, options["contexts"], options["decode_steps"])
+            rows = bench_decode(softmax, t2r, options["contexts"], options["decode_steps"], hybrid)
         elif name == "throughput":
             rows = bench_throughput(softmax, t2r, options["throughput_context"], options["batch_sizes"],
                                     options["decode_steps"], options["memory_budget_gb"] * 2**30)
@@ -362,7 +407,7 @@ def run_benchmarks(names, output: str, model: str = "smollm2", quick: bool = Fal
             rows = bench_train(softmax, t2r, options["train_lengths"])
         else:
             rows = bench_accuracy(softmax, t2r, tokenizer, options["budgets"], options["block_size"],
-                                  options["eval_blocks"])
+                                  options["eval_blocks"], hybrid)
         for row in rows:
             row["machine"] = machine
         write_csv(rows, os.path.join(output, f"{name}.csv"))

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-dim", type=int, default=32, help="feature size k (default 32)")
     p.add_argument("--feature-map", default="t2r", choices=["t2r", "elu", "hedgehog"])
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--window-size", type=int, default=0, metavar="W",
+                   help="sliding-window hybrid: softmax over the last W tokens, linear beyond (default 0: pure T2R)")
+    p.add_argument("--softmax-layers", type=int, nargs="+", default=[], metavar="I",
+                   help="layer indices that keep their softmax attention (and a growing KV cache)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside SRC")
     p.add_argument("--overwrite", action="store_true")
 
@@ -123,14 +127,23 @@ def cmd_convert(args) -> None:
 
     loader = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     model = T2RForCausalLM.from_softmax_pretrained(
-        args.src, feature_dim=args.feature_dim, feature_map=args.feature_map, chunk_size=args.chunk_size, **loader
+        args.src,
+        feature_dim=args.feature_dim,
+        feature_map=args.feature_map,
+        chunk_size=args.chunk_size,
+        window_size=args.window_size,
+        softmax_layers=args.softmax_layers,
+        **loader,
     )
     tokenizer = _load_tokenizer(args.src, args.gguf_file)
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    print(f"converted {args.src} ({model.config.source_model_type}, {model.config.num_hidden_layers} layers) "
-          f"-> {args.out}")
+    config = model.config
+    kept = f", softmax kept in layers {config.softmax_layers}" if config.softmax_layers else ""
+    window = f", window {config.window_size}" if config.window_size else ""
+    print(f"converted {args.src} ({config.source_model_type}, {len(config.linear_layers)} of "
+          f"{config.num_hidden_layers} layers to T2R{window}{kept}) -> {args.out}")
 
 
 def cmd_transfer(args) -> None:
@@ -145,7 +158,7 @@ def cmd_transfer(args) -> None:
                                      batch_size=args.batch_size)
         first, last = history[0], history[-1]
         print("per-layer MSE (first step -> last step):")
-        for i, (a, b) in enumerate(zip(first, last)):
+        for i, a, b in zip(model.config.linear_layers, first, last):
             print(f"  layer {i:3d}: {a:.5g} -> {b:.5g}")
         print(f"mean per-layer MSE: {sum(first) / len(first):.5g} -> {sum(last) / len(last):.5g}")
         model.save_pretrained(tmp)

@@ -152,6 +152,12 @@ class T2RConfig(PreTrainedConfig):
         self.softmax_layers = sorted(layers)
 
     @property
+    def linear_layers(self) -> list[int]:
+        """Indices of the converted (T2R) layers: every layer not in `softmax_layers`."""
+        kept = set(self.softmax_layers or ())
+        return [i for i in range(self.num_hidden_layers) if i not in kept]
+
+    @property
     def source_model_type(self) -> str | None:
         """The `model_type` of the source architecture (`"llama"`, `"gpt2"`, ...)."""
         return None if self.source_config is None else self.source_config["model_type"]

@@ -35,8 +35,23 @@ def render_model_card(config, results: dict | None = None) -> str:
         "feature_dim": config.feature_dim,
         "eps": config.eps,
         "chunk_size": config.chunk_size,
+        "window_size": config.window_size,
+        "softmax_layers": list(config.softmax_layers or []),
     }
+    notes = []
+    if config.window_size:
+        notes.append(
+            f"Each converted layer is a sliding-window hybrid (LoLCATs): exact softmax over the last "
+            f"{config.window_size} tokens, linear attention beyond, one shared normaliser; the state holds a "
+            f"{config.window_size}-token key/value window beside it."
+        )
+    if config.softmax_layers:
+        notes.append(
+            f"Layers {list(config.softmax_layers)} keep their original softmax attention, with an ordinary key/value "
+            "cache that grows with the context."
+        )
     return _template_text().format(
+        hybrid_note="".join("\n\n" + n for n in notes),
         base_model_line=f"base_model: {base}\n" if is_hub_id else "",
         base_model=base or "unknown",
         options="\n".join(f"| {k} | {v} |" for k, v in options.items()),

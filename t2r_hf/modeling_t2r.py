@@ -100,7 +100,8 @@ class T2RPreTrainedModel(PreTrainedModel):
         missing = sorted(k for k in info.get("missing_keys", ()) if is_t2r_parameter(k))
         if missing:
             raise ValueError(
-                f"The checkpoint has no weights for {len(missing)} T2R parameters (e.g. {missing[0]}). "
+                f"The checkpoint has no weights for {len(missing)} T2R parameters (feature maps or window factors; "
+                f"e.g. {missing[0]}). "
                 "It is not a trained T2R checkpoint: convert a softmax model with "
                 "`T2RForCausalLM.from_softmax_pretrained(...)` instead of loading it."
             )

@@ -13,40 +13,29 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, Trainer
 from transformers.utils import logging
 
 from .attention import ATTN_IMPLEMENTATION, t2r_attention_forward
+from .ops import softmax_attention
 
 logger = logging.get_logger(__name__)
 
 TRANSFER_IMPLEMENTATION = "t2r_transfer"
 
 
-def _softmax_attention(query, key, value, padding_mask, scaling):
-    """Exact causal softmax attention (the teacher). query (B, Hq, T, D); key/value (B, Hkv, T, D)."""
-    group = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    length = query.shape[2]
-    if padding_mask is None:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
-    else:
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        mask = causal & padding_mask[:, None, None, :].bool()
-        mask = mask | torch.eye(length, dtype=torch.bool, device=query.device)  # padded rows attend to themselves
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2)  # (B, T, Hq, D)
-
-
 def transfer_attention_forward(module, query, key, value, attention_mask, t2r_transfer_losses=None, **kwargs):
-    """Attention function used during transfer: returns the softmax output, records MSE(T2R, softmax)."""
+    """Attention function used during transfer: returns the softmax output, records MSE(T2R, softmax).
+
+    Layers kept as softmax (`softmax_layers`) just return their softmax output and record nothing."""
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     padding_mask = kwargs.get("t2r_padding_mask")
     kwargs.pop("t2r_cache", None)
     with torch.no_grad():
-        teacher = _softmax_attention(query, key, value, padding_mask, scaling)
+        teacher = softmax_attention(query, key, value, scaling, padding_mask, kwargs.get("sliding_window"))
+    if getattr(module, "t2r_softmax", False):
+        return teacher, None
     student, _ = t2r_attention_forward(module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs)
     error = (student.float() - teacher.float()).pow(2)
     if padding_mask is not None:
@@ -74,12 +63,12 @@ def attention_transfer_mode(model):
 
 
 def _require_t2r(model) -> None:
-    if not hasattr(model, "feature_map_parameters") or not hasattr(model, "source_model"):
+    if not hasattr(model, "t2r_parameters") or not hasattr(model, "source_model"):
         raise TypeError(
             f"Attention transfer needs a T2R model, got {type(model).__name__}. Convert it first with "
             "`T2RForCausalLM.from_softmax_pretrained(...)` (or `t2r-hf convert`)."
         )
-    if not model.feature_map_parameters():
+    if not model.t2r_parameters():
         raise ValueError(
             f"The model's feature map {model.config.feature_map!r} has no parameters to train; attention transfer "
             "needs a learned map ('t2r' or 'hedgehog')."
@@ -87,9 +76,10 @@ def _require_t2r(model) -> None:
 
 
 def transfer_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-layer MSE between T2R and softmax attention outputs on `input_ids`, as a `(num_layers,)` tensor.
+    """Per-layer MSE between T2R and softmax attention outputs on `input_ids`, one entry per converted layer
+    (layers kept as softmax have none), in layer order.
 
-    Gradients flow to the feature maps only. The forward stops after the last layer (no LM head)."""
+    Gradients flow to the T2R parameters only (feature maps and window factors). The forward stops after the last layer (no LM head)."""
     _require_t2r(model)
     losses: dict[int, torch.Tensor] = {}
     backbone = model.source_model.base_model
@@ -112,10 +102,11 @@ def attention_transfer(
     progress: bool = True,
     log_every: int = 10,
 ) -> list[list[float]]:
-    """Train only the feature maps of `model` on `blocks` `(N, T)` to mimic its softmax attention.
+    """Train only the T2R parameters of `model` (feature maps, and window factors with a sliding window) on `blocks`
+    `(N, T)` to mimic its softmax attention.
 
     Cycles through the blocks for `max_steps` AdamW steps and returns the per-layer MSE of every step (a list of
-    `num_layers` floats per step). Every other parameter is left untouched (they are frozen during the run).
+    one float per converted layer per step). Every other parameter is left untouched (they are frozen during the run).
 
     Example:
     ```python
@@ -128,7 +119,7 @@ def attention_transfer(
     _require_t2r(model)
     if blocks.dim() != 2 or len(blocks) == 0:
         raise ValueError(f"`blocks` must be a non-empty (N, T) tensor of token ids, got shape {tuple(blocks.shape)}.")
-    params = model.feature_map_parameters()
+    params = model.t2r_parameters()
     trainable = {id(p) for p in params}
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
     for p in frozen:
@@ -166,13 +157,13 @@ def attention_transfer(
 class AttentionTransferTrainer(Trainer):
     """A `transformers.Trainer` whose loss is the attention-transfer loss (sum of per-layer MSEs).
 
-    Use it with any dataset/collator that yields `input_ids` (and optionally `attention_mask`); only the feature
-    maps are trained (the others are frozen on construction). The mean per-layer MSE is logged as `loss`.
+    Use it with any dataset/collator that yields `input_ids` (and optionally `attention_mask`); only the T2R
+    parameters (feature maps, window factors) are trained (the others are frozen on construction). The mean per-layer MSE is logged as `loss`.
     """
 
     def __init__(self, model=None, *args, **kwargs):
         _require_t2r(model)
-        trainable = {id(p) for p in model.feature_map_parameters()}
+        trainable = {id(p) for p in model.t2r_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         super().__init__(model, *args, **kwargs)

@@ -80,6 +80,32 @@ def test_workflow_convert_transfer_finetune_eval_generate(workspace, capsys):
     assert "Call me Ishmael" in capsys.readouterr().out
 
 
+def test_convert_window_and_softmax_layers_then_transfer(workspace, tmp_path, capsys):
+    root, text = workspace
+    out = tmp_path / "hybrid"
+    assert _run("convert", root / "softmax", out, "--feature-dim", 8, "--window-size", 16, "--softmax-layers", 0) == 0
+    assert "1 of 2 layers to T2R, window 16, softmax kept in layers [0]" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["window_size"] == 16 and config["softmax_layers"] == [0]
+    assert _run("transfer", out, "--data", text, "--output", tmp_path / "t", "--max-steps", 2, "--block-size",
+                64) == 0
+    printed = capsys.readouterr().out
+    assert "layer   1:" in printed and "layer   0:" not in printed
+    a = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "t").state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert {k.split(".")[-2] for k in changed} == {"feature_map", "window_factor"}
+
+
+@pytest.mark.parametrize("args,message", [(["--softmax-layers", "5"], "out of range"),
+                                          (["--softmax-layers", "0", "1"], "nothing would be converted"),
+                                          (["--window-size", "-3"], "window_size")])
+def test_convert_refuses_bad_window_options(workspace, tmp_path, capsys, args, message):
+    root, _ = workspace
+    assert _run("convert", root / "softmax", tmp_path / "bad", *args) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_finetune_lora_writes_merged_model_and_adapter(workspace):
     root, text = workspace
     if not (root / "t2r").exists():

@@ -44,10 +44,15 @@ def test_bench_quick_writes_csv_and_plot(tmp_path, capsys, name):
     if name == "decode":  # both models measured in the same run; the T2R state does not grow with context
         assert all(float(r["softmax_ms_per_token"]) > 0 and float(r["t2r_ms_per_token"]) > 0 for r in rows)
         assert len({r["t2r_cache_bytes"] for r in rows}) == 1
+        # the window hybrid (W=8 in --quick) is measured beside them, its cache constant too and a ring larger
+        assert all(float(r["hybrid_ms_per_token"]) > 0 for r in rows)
+        assert len({r["hybrid_cache_bytes"] for r in rows}) == 1
+        assert int(rows[0]["hybrid_cache_bytes"]) > int(rows[0]["t2r_cache_bytes"])
         assert int(rows[-1]["softmax_cache_bytes"]) > int(rows[0]["softmax_cache_bytes"])
     if name == "accuracy":
         recipes = {r["recipe"] for r in rows}
         assert {"softmax (original)", "swap + finetune", "transfer"} <= recipes
         assert any(r.endswith("+ finetune") and r.startswith("transfer") for r in recipes)
         assert any(r.endswith("+ LoRA") for r in recipes)
+        assert {"hybrid W=8: transfer", "hybrid W=8: transfer (64 tok) + finetune"} <= recipes
     assert "machine" in rows[0] and rows[0]["machine"]
