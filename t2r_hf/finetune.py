@@ -59,7 +59,8 @@ class PackingCollator:
 
 
 def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0):
-    """Wrap `model` with PEFT LoRA on its attention projections; the feature maps are trained in full.
+    """Wrap `model` with PEFT LoRA on its attention projections; the feature maps (and, with a sliding window, the
+    window factors) are trained in full.
 
     Raises `ValueError` if the model lacks the projections LoRA targets for its family."""
     from peft import LoraConfig, get_peft_model
@@ -73,8 +74,9 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0):
             f"({type(model).__name__}, family {family!r}) does not have them all. LoRA applies to T2R models "
             "converted from: " + ", ".join(sorted(LORA_TARGETS)) + "."
         )
+    trained_in_full = ["feature_map"] + (["window_factor"] if getattr(model.config, "window_size", 0) else [])
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, modules_to_save=["feature_map"],
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, modules_to_save=trained_in_full,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

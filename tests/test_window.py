@@ -293,6 +293,24 @@ def test_finetuning_reaches_window_factors_and_softmax_layers(hybrid3):
     assert attn[1].self_attn.q_proj.weight.grad.abs().sum() > 0  # the softmax layer trains as usual
 
 
+def test_lora_trains_window_factors_in_full_and_merges(hybrid):
+    from t2r_hf.finetune import apply_lora
+
+    peft_model = apply_lora(copy.deepcopy(hybrid))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("window_factor" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    ids = random_ids(2, 12, seed=12)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    peft_model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged, T2RForCausalLM)
+    logit = merged.model.layers[0].self_attn.window_factor.logit
+    assert not torch.equal(logit, hybrid.model.layers[0].self_attn.window_factor.logit)
+    with torch.no_grad():  # the merged model still decodes as it computes in parallel
+        torch.testing.assert_close(recurrent_logits(merged.eval(), ids), merged(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
