@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.utils import logging
 
+from .cache import T2RSoftmaxLayer
 from .feature_maps import WindowFactor, build_feature_map
 from .kernels import fla_numerator_denominator, select_kernel
 from .ops import (
@@ -173,6 +174,11 @@ def t2r_attention_forward(
     Layers kept as softmax and sliding-window layers take their own paths (see the module docstring).
     """
     layer = t2r_cache.layers[module.layer_idx] if t2r_cache is not None else None
+    if layer is not None and isinstance(layer, T2RSoftmaxLayer) != getattr(module, "t2r_softmax", False):
+        raise TypeError(
+            f"Layer {module.layer_idx} of this cache is a {type(layer).__name__}, which does not match the model's "
+            "layer kinds (`softmax_layers`). Build caches with `T2RCache(model.config)`."
+        )
     if getattr(module, "t2r_softmax", False):
         return _softmax_layer_forward(module, query, key, value, layer, t2r_padding_mask, kwargs)
     feature_map = getattr(module, "feature_map", None)

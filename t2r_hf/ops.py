@@ -204,13 +204,13 @@ def window_softmax_numerator_denominator(
     q: (B, Hq, T, D) for the T new positions; keys, values: (B, Hkv, W + T, D), the `W` keys before the new
     positions (the ring; zeros where not yet filled) followed by the new ones; valid: (B, W + T) bool. Query `t`
     sees `keys[:, :, t + 1 : t + 1 + W]`. Values must be zero where `valid` is False. Computed in blocks of
-    `C = min(W, block_size)` queries against `C + W - 1` keys, in fp32.
+    `C = min(W, block_size, T)` queries against `C + W - 1` keys, in fp32 (a decoding step: 1 query, W keys).
     """
     batch, num_q_heads, length, dim = q.shape
     kv_heads = keys.shape[1]
     if keys.shape[2] != window + length or valid.shape[-1] != window + length:
         raise ValueError(f"Expected {window} ring keys before the {length} new ones, got {keys.shape[2]} keys.")
-    chunk = max(1, min(window, block_size))
+    chunk = max(1, min(window, block_size, length))
     n = -(-length // chunk)
     span = chunk + window - 1
     pad = n * chunk - length

@@ -331,6 +331,11 @@ def test_bad_options_are_refused(options, message):
         T2RConfig(source_config=tiny_source("llama").config.to_dict(), **options)
 
 
+def test_cache_of_the_wrong_layer_kinds_is_refused(hybrid):
+    with pytest.raises(TypeError, match=r"T2RCache\(model.config\)"):
+        hybrid(random_ids(1, 4), past_key_values=T2RCache(num_layers=2), use_cache=True)
+
+
 def test_fla_kernel_is_refused_on_a_window_model(hybrid):
     with pytest.raises(ValueError, match="sliding window"):
         copy.deepcopy(hybrid).set_kernel("fla")
