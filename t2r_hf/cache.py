@@ -12,7 +12,65 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
-class T2RStateLayer(CacheLayerMixin):
+class _TensorLayer(CacheLayerMixin):
+    """What both layer kinds share: batch-wise operations (`generate`'s beam search and batch expansion) applied
+    to every tensor named in `_TENSORS`, byte counting and reset. Neither kind can be cropped."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    _TENSORS: tuple[str, ...] = ()
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        for name in self._TENSORS:
+            setattr(self, name, None)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to pre-allocate: the T2R attention creates the tensors on the first token."""
+        self.is_initialized = True
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's tensors."""
+        tensors = [getattr(self, name) for name in self._TENSORS]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def _map(self, fn) -> None:
+        for name in self._TENSORS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "A T2R cache cannot be cropped: its recurrent states keep no per-token history to roll back. Assisted "
+            "or speculative decoding and cache cropping are not available for T2R models."
+        )
+
+    def reset(self) -> None:
+        for name in self._TENSORS:
+            setattr(self, name, None)
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        pass
+
+
+class T2RStateLayer(_TensorLayer):
     """One layer's recurrent state: `S` `(B, Hkv, F, D)` and `z` `(B, Hkv, F)`, both fp32, plus a token count.
 
     With a sliding window it also holds the ring of the last `W` positions: keys and values `(B, Hkv, W, D)` in
@@ -20,22 +78,11 @@ class T2RStateLayer(CacheLayerMixin):
     from the first token on.
     """
 
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
+    _TENSORS = ("state_s", "state_z", "ring_keys", "ring_values", "ring_valid")
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.state_s: torch.Tensor | None = None
-        self.state_z: torch.Tensor | None = None
-        self.ring_keys: torch.Tensor | None = None
-        self.ring_values: torch.Tensor | None = None
-        self.ring_valid: torch.Tensor | None = None
         self.seen_tokens = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Nothing to pre-allocate: the state is created by the first `update_state`."""
-        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise RuntimeError(
@@ -75,66 +122,16 @@ class T2RStateLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
-    def get_max_length(self) -> int:
-        return -1
-
-    _TENSORS = ("state_s", "state_z", "ring_keys", "ring_values", "ring_valid")
-
-    def nbytes(self) -> int:
-        """Bytes held by the state tensors (and the window ring)."""
-        tensors = [getattr(self, name) for name in self._TENSORS]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    def _map(self, fn) -> None:
-        for name in self._TENSORS:
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, fn(tensor))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(
-            "A T2R recurrent state cannot be cropped: it keeps no per-token history to roll back. Assisted or "
-            "speculative decoding and cache cropping are not available for T2R models."
-        )
-
     def reset(self) -> None:
-        for name in self._TENSORS:
-            setattr(self, name, None)
+        super().reset()
         self.seen_tokens = 0
 
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
 
-    def prefetch(self) -> None:
-        pass
-
-
-class T2RSoftmaxLayer(CacheLayerMixin):
+class T2RSoftmaxLayer(_TensorLayer):
     """The cache of a layer kept as softmax attention: keys and values `(B, Hkv, L, D)` and their validity
     `(B, L)` (False for padding), growing by one position per token like any key/value cache."""
 
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Nothing to pre-allocate: the first `append` creates the tensors."""
-        self.is_initialized = True
+    _TENSORS = ("keys", "values", "valid")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise RuntimeError("T2R softmax layers are updated by the T2R attention with `append`.")
@@ -155,41 +152,6 @@ class T2RSoftmaxLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def nbytes(self) -> int:
-        """Bytes held by the keys, values and validity mask."""
-        tensors = (self.keys, self.values, self.valid)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    def _map(self, fn) -> None:
-        if self.keys is not None:
-            self.keys, self.values, self.valid = fn(self.keys), fn(self.values), fn(self.valid)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(
-            "A T2R cache cannot be cropped: its linear-attention layers keep no per-token history to roll back."
-        )
-
-    def reset(self) -> None:
-        self.keys = self.values = self.valid = None
-
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        pass
 
 
 class T2RCache(Cache):

@@ -75,3 +75,18 @@ def set_chunk_size(model, chunk_size: int) -> None:
     model.config.chunk_size = chunk_size
     for attn in model._feature_map_owners:
         attn.t2r_chunk_size = chunk_size
+
+
+def assert_left_padded_generation_matches_rows_alone(model, lengths=(9, 4, 6), new_tokens: int = 10) -> None:
+    """Greedy generation of a left-padded batch gives every row exactly what it gives that row alone."""
+    rows = [random_ids(1, n, seed=n)[0] for n in lengths]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    greedy = dict(do_sample=False, pad_token_id=0, max_new_tokens=new_tokens)
+    batched = model.generate(ids, attention_mask=mask, **greedy)
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], **greedy)
+        assert torch.equal(batched[i, width:], alone[0, len(r) :]), f"row {i}"

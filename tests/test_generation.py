@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_ids, tiny_t2r
+from helpers import assert_left_padded_generation_matches_rows_alone, random_ids, tiny_t2r
 from transformers import GenerationConfig
 
 from t2r_hf import T2RCache
@@ -31,17 +31,7 @@ def test_generate_scores_equal_full_forward(family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_left_padded_batch_matches_rows_alone(family):
-    model = tiny_t2r(family)
-    rows = [random_ids(1, n, seed=n)[0] for n in (9, 4, 6)]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-    batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
-    for i, r in enumerate(rows):
-        alone = model.generate(r[None], max_new_tokens=10, **GREEDY)
-        assert torch.equal(batched[i, width:], alone[0, len(r) :]), i
+    assert_left_padded_generation_matches_rows_alone(tiny_t2r(family))
 
 
 def test_right_padding_is_refused(llama):

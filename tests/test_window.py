@@ -7,7 +7,14 @@ import copy
 
 import pytest
 import torch
-from helpers import random_ids, recurrent_logits, set_chunk_size, tiny_source, tiny_t2r
+from helpers import (
+    assert_left_padded_generation_matches_rows_alone,
+    random_ids,
+    recurrent_logits,
+    set_chunk_size,
+    tiny_source,
+    tiny_t2r,
+)
 from transformers import AutoModelForCausalLM
 
 from t2r_hf import T2RCache, T2RConfig, T2RForCausalLM
@@ -182,16 +189,7 @@ def test_sampling_cached_equals_uncached(hybrid):
 
 
 def test_left_padded_batch_matches_rows_alone(hybrid):
-    rows = [random_ids(1, n, seed=n)[0] for n in (9, 3, 6)]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-    batched = hybrid.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
-    for i, r in enumerate(rows):
-        alone = hybrid.generate(r[None], max_new_tokens=10, **GREEDY)
-        assert torch.equal(batched[i, width:], alone[0, len(r) :]), i
+    assert_left_padded_generation_matches_rows_alone(hybrid, lengths=(9, 3, 6))
 
 
 def test_beam_search_with_and_without_cache(hybrid):
