@@ -12,15 +12,17 @@ clamp and the division then happen in fp32 here, as in the PyTorch path. fla's s
 key/value heads as query heads, so grouped-query attention repeats keys and values over each group (the state
 of a group is then the same for all its query heads, and one copy per key/value head is kept).
 
-Precision: the chunked kernel runs in the model's dtype (bf16/fp16 products, fp32 accumulation and state); the
-decoding step always runs in fp32, since it reads the fp32 state anyway. Which path runs is chosen by the
-`kernel` option of `T2RConfig` (`"auto"`, `"torch"`, `"fla"`) and logged once.
+Precision: both kernels run in fp32 whatever the model's dtype (inputs are cast, outputs cast back by the
+caller), like the PyTorch path, which also computes attention in fp32. fla-core 0.6.0's bf16 chunk kernels hit
+illegal memory accesses on an H100 for feature size 32 with several value widths, so half-precision inputs are
+never handed to them. Which path runs is chosen by the `kernel` option of `T2RConfig` (`"auto"`, `"torch"`,
+`"fla"`) and logged once.
 
-Status, measured on an H100 (bench/results/gpu): in fp32 the chunk kernel matches the PyTorch path (outputs,
-gradients and final states, tests/test_gpu.py). In bf16, fla-core 0.6.0's chunk kernels ran SmolLM2-shaped
-training but faulted with illegal memory accesses for other shapes, and neither kernel made decoding faster
-(decoding is bound by per-layer launch overhead, not by attention arithmetic). So `"auto"` keeps the PyTorch
-path; `"fla"` opts in to the kernels (with a warning in half precision).
+Status, measured on an H100 (bench/results/gpu, tests/test_gpu.py): the fp32 kernels match the PyTorch path
+(outputs, gradients and final states, with and without an initial state), but neither made decoding faster
+(decoding is bound by per-layer launch overhead, not by attention arithmetic), and in training (bf16 kernels, as
+measured before they were replaced by fp32) they matched it up to 8k tokens and were 1.2x faster at 16k on
+SmolLM2's shape. So `"auto"` keeps the PyTorch path; `"fla"` opts in to the kernels.
 """
 
 from __future__ import annotations
@@ -78,11 +80,6 @@ def select_kernel(requested: str, tensor: torch.Tensor) -> str:
             f"kernel='fla' was requested but {why}. Install the GPU extra (`pip install \"t2r-hf[gpu]\"`) and run "
             "on CUDA, or set `model.config.kernel = 'auto'` (or 'torch') to use the PyTorch path."
         )
-    if tensor.dtype != torch.float32 and "fla-half" not in _announced:
-        _announced.add("fla-half")
-        logger.warning("kernel='fla' with a half-precision model: fla-core 0.6.0's bf16 chunk kernels faulted for "
-                       "some shapes in our GPU tests (see t2r_hf/kernels.py); use kernel='auto' if a CUDA "
-                       "illegal-memory-access error appears.")
     _announce("flash-linear-attention (Triton)", "kernel='fla', CUDA and fla available")
     return "fla"
 
@@ -106,7 +103,7 @@ def fla_numerator_denominator(
     batch, num_q, length, feat = q.shape
     num_kv, dim = k.shape[1], v.shape[-1]
     group = num_q // num_kv
-    dtype = torch.float32 if recurrent else q.dtype
+    dtype = torch.float32  # see the module docstring: fla-core 0.6.0's bf16 chunk kernels fault
     kernel = fused_recurrent_simple_gla if recurrent else chunk_simple_gla
 
     def heads_last(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, T, X) -> (B, T, Hq, X)
@@ -122,7 +119,7 @@ def fla_numerator_denominator(
     # numerator and state S: the values as they are
     num, s_final = kernel(q=q_in, k=k_in, v=heads_last(v), scale=1.0, output_final_state=True,
                           initial_state=None if state is None else per_q_head(state[0]))
-    # denominator and state z: a ones column, padded to 16 columns (fla's bf16 kernels need an even value size)
+    # denominator and state z: a ones column, padded to 16 columns (a width fla's kernels are tested with)
     ones = v.new_zeros(batch, num_kv, length, _DEN_WIDTH)
     ones[..., 0] = 1
     z0 = None

@@ -122,18 +122,50 @@ def test_model_logits_generation_and_padding_match_pytorch_path():
     mask = torch.zeros(2, 25, dtype=torch.long, device=CUDA)
     batch[0, 15:], mask[0, 15:] = short, 1
     batch[1], mask[1] = long, 1
-    together = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    alone = model.generate(short[None], max_new_tokens=12, do_sample=False)
+    steps = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)  # both run 12 steps, EOS or not
+    together = model.generate(batch, attention_mask=mask, **steps)
+    alone = model.generate(short[None], **steps)
     assert torch.equal(together[0, 25:], alone[0, 10:])
 
 
-def test_beam_search_with_kernels_equals_without_cache():
+@pytest.mark.parametrize("kernel,tol", [("torch", 1e-4), ("fla", 1e-3)])
+def test_cached_generation_equals_uncached(kernel, tol):
+    """Greedy and beam search with the cache (prefill, then one-token steps through the state) equal generation
+    without it (every step a full forward over the whole sequence), on each path."""
     model = _tiny_llama()
-    prompt = torch.randint(0, 128, (1, 20), device=CUDA)
-    kwargs = dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False)
+    model.set_kernel(kernel)
+    prompt = torch.randint(0, 128, (2, 20), device=CUDA)
+    kwargs = dict(max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                  attention_mask=torch.ones_like(prompt))
     cached = model.generate(prompt, **kwargs)
     uncached = model.generate(prompt, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert _rel(torch.stack(cached.logits), torch.stack(uncached.logits)) < tol
+    kwargs = dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert torch.equal(model.generate(prompt[:1], **kwargs), model.generate(prompt[:1], use_cache=False, **kwargs))
+
+
+def test_bf16_forward_on_pytorch_path_keeps_fp32_state():
+    """A bf16 model on the PyTorch path: the cache's state stays fp32 and finite through prefill and decoding, and
+    logits and states stay close to the fp32 model's."""
+    model = _tiny_llama()
+    model.set_kernel("torch")
+    ids = torch.randint(0, 128, (2, 300), device=CUDA)
+    with torch.no_grad():
+        ref = model(ids[:, :-1], use_cache=True)
+        ref_step = model(ids[:, -1:], past_key_values=ref.past_key_values, use_cache=True)
+        half = model.to(torch.bfloat16)
+        out = half(ids[:, :-1], use_cache=True)
+        step = half(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    assert out.logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.logits).all() and torch.isfinite(step.logits).all()
+    for layer, ref_layer in zip(step.past_key_values.layers, ref_step.past_key_values.layers):
+        s, z = layer.state
+        assert s.dtype == z.dtype == torch.float32
+        assert torch.isfinite(s).all() and torch.isfinite(z).all()
+        assert _rel(s, ref_layer.state[0]) < 3e-2 and _rel(z, ref_layer.state[1]) < 3e-2
+    assert _rel(out.logits, ref.logits) < 5e-2
+    assert _rel(step.logits, ref_step.logits) < 5e-2
 
 
 def test_bf16_model_training_step_and_long_generation():
@@ -169,3 +201,32 @@ def test_long_prefill_through_chunk_kernel_matches_pytorch():
     assert torch.isfinite(states["fla"][0]).all()
     assert _rel(states["fla"][1], states["torch"][1]) < 3e-2
     assert _rel(states["fla"][0], states["torch"][0]) < 5e-2
+
+
+def test_window_hybrid_and_softmax_layers_on_cuda_match_cpu():
+    """The sliding-window hybrid and a kept softmax layer (PyTorch path) on CUDA: logits equal the CPU model's,
+    cached decoding equals the full forward, and bf16 keeps the state fp32 and finite."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2))
+    cpu = T2RForCausalLM.from_softmax_pretrained(src, feature_dim=32, window_size=16, softmax_layers=[1]).eval()
+    ids = torch.randint(0, 128, (2, 150))
+    with torch.no_grad():
+        expected = cpu(ids).logits
+    model = cpu.to(CUDA)
+    with torch.no_grad():
+        got = model(ids.to(CUDA)).logits
+    assert _rel(got.cpu(), expected) < 1e-4
+    gen = model.generate(ids[:1, :20].to(CUDA), max_new_tokens=40, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    with torch.no_grad():
+        full = model(gen.sequences).logits[0, 19:-1]
+    assert _rel(torch.stack(gen.logits)[:, 0], full) < 1e-4
+    half = model.to(torch.bfloat16)
+    out = half.generate(ids[:1, :64].to(CUDA), max_new_tokens=200, do_sample=True, top_k=50,
+                        return_dict_in_generate=True, output_logits=True)
+    assert torch.isfinite(torch.stack(out.logits)).all()
+    layer = out.past_key_values.layers[0]
+    assert layer.state[0].dtype == torch.float32 and layer.ring_keys.shape == (1, 2, 16, 64)
