@@ -47,7 +47,7 @@ def build(arch: str, feature_dim: int):
     return softmax, t2r, params
 
 
-def bench_decode(arch, softmax, t2r, contexts, batches, steps, budget):
+def bench_decode(arch, softmax, t2r, contexts, batches, steps, budget, kernels=("fla", "torch")):
     rows = []
     for length in contexts:
         for batch in batches:
@@ -62,7 +62,7 @@ def bench_decode(arch, softmax, t2r, contexts, batches, steps, budget):
                 cache = softmax_cache(softmax, batch, length, static_extra=steps + 8 if static else None)
                 row[f"{name}_tok_s"] = round(batch / time_decode(softmax, cache, batch, length, steps, 3), 1)
                 del cache
-            for kernel in ("fla", "torch"):
+            for kernel in kernels:
                 t2r.set_kernel(kernel)
                 cache = t2r_cache(t2r, batch, length)
                 row[f"t2r_{kernel}_tok_s"] = round(batch / time_decode(t2r, cache, batch, length, steps, 3), 1)
@@ -70,7 +70,8 @@ def bench_decode(arch, softmax, t2r, contexts, batches, steps, budget):
                 del cache
             best = max(v for k, v in row.items() if k.startswith("sdpa") and isinstance(v, float)) \
                 if not isinstance(row["sdpa_dynamic_tok_s"], str) else None
-            row["speedup_vs_best_softmax"] = round(row["t2r_fla_tok_s"] / best, 2) if best else "softmax over budget"
+            best_t2r = max(row[f"t2r_{kernel}_tok_s"] for kernel in kernels)
+            row["speedup_vs_best_softmax"] = round(best_t2r / best, 2) if best else "softmax over budget"
             print("decode", row, flush=True)
             rows.append(row)
     return rows
@@ -88,13 +89,13 @@ def train_step(model, length, batch=1):
     return elapsed, torch.cuda.max_memory_allocated()
 
 
-def bench_train(arch, softmax, t2r, lengths, repeats=3):
+def bench_train(arch, softmax, t2r, lengths, repeats=3, kernels=("fla", "torch")):
     rows = []
     softmax.train()
     t2r.train()
     for length in lengths:
         row = {"model": arch, "length": length}
-        for name, model, kernel in (("sdpa", softmax, None), ("t2r_fla", t2r, "fla"), ("t2r_torch", t2r, "torch")):
+        for name, model, kernel in [("sdpa", softmax, None)] + [(f"t2r_{k}", t2r, k) for k in kernels]:
             if kernel:
                 model.set_kernel(kernel)
             try:
@@ -106,8 +107,9 @@ def bench_train(arch, softmax, t2r, lengths, repeats=3):
                 row[f"{name}_tok_s"] = row[f"{name}_peak_gib"] = "OOM"
                 model.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-        if isinstance(row["sdpa_tok_s"], float) and isinstance(row["t2r_fla_tok_s"], float):
-            row["fla_speedup_vs_sdpa"] = round(row["t2r_fla_tok_s"] / row["sdpa_tok_s"], 2)
+        for kernel in kernels:
+            if isinstance(row["sdpa_tok_s"], float) and isinstance(row[f"t2r_{kernel}_tok_s"], float):
+                row[f"{kernel}_speedup_vs_sdpa"] = round(row[f"t2r_{kernel}_tok_s"] / row["sdpa_tok_s"], 2)
         print("train", row, flush=True)
         rows.append(row)
     softmax.eval()
@@ -139,7 +141,7 @@ def plot(decode, train, out, machine):
             pts = [r for r in decode if r["model"] == arch and r["context"] == ctx]
             x = [r["batch"] for r in pts]
             for key in ("sdpa_dynamic_tok_s", "sdpa_static_tok_s", "t2r_fla_tok_s", "t2r_torch_tok_s"):
-                ax.plot(x, [num(r[key]) for r in pts], marker="o", label=key.replace("_tok_s", ""))
+                ax.plot(x, [num(r.get(key)) for r in pts], marker="o", label=key.replace("_tok_s", ""))
             ax.set(xscale="log", yscale="log", title=f"{arch}, context {ctx}", xlabel="batch", ylabel="tokens/s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
@@ -152,7 +154,7 @@ def plot(decode, train, out, machine):
     for i, arch in enumerate(archs):
         pts = [r for r in train if r["model"] == arch]
         for key in ("sdpa_tok_s", "t2r_fla_tok_s", "t2r_torch_tok_s"):
-            axes[0][i].plot([r["length"] for r in pts], [num(r[key]) for r in pts], marker="o",
+            axes[0][i].plot([r["length"] for r in pts], [num(r.get(key)) for r in pts], marker="o",
                             label=key.replace("_tok_s", ""))
         axes[0][i].set(xscale="log", title=f"{arch}: forward+backward", xlabel="sequence length", ylabel="tokens/s")
         axes[0][i].grid(alpha=0.3)
@@ -174,11 +176,13 @@ def main():
     p.add_argument("--feature-dim", type=int, default=32)
     p.add_argument("--memory-budget-gb", type=float, default=40.0, help="largest softmax KV cache to run")
     p.add_argument("--only", choices=["decode", "train"], help="run one of the two benchmarks")
+    p.add_argument("--kernels", nargs="+", default=["fla", "torch"], choices=["fla", "torch"],
+                   help="T2R paths to time (fla's kernels and/or the PyTorch path)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA device; on CPU use `t2r-hf bench`.")
-    if not fla_available():
+    if "fla" in args.kernels and not fla_available():
         raise SystemExit("bench/gpu.py needs flash-linear-attention: pip install 't2r-hf[gpu]'.")
     if args.quick:
         args.models, args.contexts, args.batches, args.train_lengths, args.steps = ["smollm2"], [1024], [1, 4], [2048], 3
@@ -202,10 +206,10 @@ def main():
         print(f"== {arch}: {params / 1e6:.0f}M parameters", flush=True)
         if args.only != "train":
             decode += bench_decode(arch, softmax, t2r, args.contexts, args.batches, args.steps,
-                                   args.memory_budget_gb * 2**30)
+                                   args.memory_budget_gb * 2**30, args.kernels)
         save()
         if args.only != "decode":
-            train += bench_train(arch, softmax, t2r, args.train_lengths)
+            train += bench_train(arch, softmax, t2r, args.train_lengths, kernels=args.kernels)
             save()
         del softmax, t2r
         torch.cuda.empty_cache()
