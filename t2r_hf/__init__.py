@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache import T2RCache, T2RStateLayer
+from .cache import T2RCache, T2RSoftmaxLayer, T2RStateLayer
 from .configuration_t2r import T2RConfig
 from .feature_maps import EluFeatureMap, HedgehogFeatureMap, T2RFeatureMap
 from .modeling_t2r import T2RForCausalLM, T2RModel, T2RPreTrainedModel
@@ -26,6 +26,7 @@ __all__ = [
     "T2RForCausalLM",
     "T2RModel",
     "T2RPreTrainedModel",
+    "T2RSoftmaxLayer",
     "T2RStateLayer",
     "T2RFeatureMap",
     "EluFeatureMap",
