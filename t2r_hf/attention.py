@@ -126,7 +126,8 @@ def _softmax_layer_forward(module, query, key, value, layer, padding_mask, kwarg
     valid = _padding_valid(padding_mask, key)
     if layer is not None:
         key, value, valid = layer.append(key, value, valid)
-    valid = None if bool(valid.all()) else valid
+    if not torch.compiler.is_compiling() and bool(valid.all()):  # kept under compile: same result, no sync
+        valid = None
     dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
     out = softmax_attention(query, key, value, scaling, valid, kwargs.get("sliding_window"), dropout)
     return out.contiguous(), None

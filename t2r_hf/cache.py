@@ -83,6 +83,7 @@ class T2RStateLayer(_TensorLayer):
     def __init__(self, **kwargs):
         super().__init__()
         self.seen_tokens = 0
+        self.state_finite: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise RuntimeError(
@@ -96,14 +97,14 @@ class T2RStateLayer(_TensorLayer):
         return None if self.state_s is None else (self.state_s, self.state_z)
 
     def update_state(self, state: tuple[torch.Tensor, torch.Tensor], num_new_tokens: int, layer_idx: int) -> None:
-        """Store the state after `num_new_tokens` more tokens; refuse a non-finite one."""
+        """Store the state after `num_new_tokens` more tokens, with a flag on its device saying whether it is finite.
+
+        The flag is not read here: `T2RCache.check_finite` reads every layer's flag once per forward, so a step
+        synchronises host and device once instead of once per layer, and `torch.compile` sees no branch inside
+        the layers."""
         s, z = state
-        if not (torch.isfinite(z).all() and torch.isfinite(s).all()):
-            raise FloatingPointError(
-                f"The T2R state of layer {layer_idx} became non-finite (NaN or inf). The inputs or activations "
-                "overflowed; run the model in fp32 or bf16 rather than fp16, and check the inputs for NaN."
-            )
         self.state_s, self.state_z = s, z
+        self.state_finite = torch.isfinite(z).all() & torch.isfinite(s).all()
         self.seen_tokens += num_new_tokens
         self.is_initialized = True
 
@@ -125,6 +126,7 @@ class T2RStateLayer(_TensorLayer):
     def reset(self) -> None:
         super().reset()
         self.seen_tokens = 0
+        self.state_finite = None
 
 
 class T2RSoftmaxLayer(_TensorLayer):
@@ -185,6 +187,28 @@ class T2RCache(Cache):
     def nbytes(self) -> int:
         """Total bytes held by every layer (the states, the window rings and the softmax layers' caches)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    @torch.compiler.disable
+    def check_finite(self) -> None:
+        """Raise `FloatingPointError` if the latest forward left a layer's state non-finite (NaN or inf).
+
+        T2R models call this once at the end of every forward that uses a cache: one host-device synchronisation
+        for all layers (under `torch.compile`, one graph break after the layers). A cache that failed the check
+        holds the non-finite state; start a new one.
+        """
+        flags = [(index, layer.state_finite) for index, layer in enumerate(self.layers)
+                 if getattr(layer, "state_finite", None) is not None]
+        if not flags:
+            return
+        device = flags[0][1].device
+        if bool(torch.stack([flag.to(device) for _, flag in flags]).all()):
+            return
+        bad = [index for index, flag in flags if not bool(flag)]
+        raise FloatingPointError(
+            f"The T2R state of layer(s) {', '.join(map(str, bad))} became non-finite (NaN or inf). The inputs or "
+            "activations overflowed; run the model in fp32 or bf16 rather than fp16, check the inputs for NaN, and "
+            "start from a new cache."
+        )
 
     @property
     def is_croppable(self) -> bool:

@@ -171,7 +171,9 @@ class T2RPreTrainedModel(PreTrainedModel):
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             mask = attention_mask[:, -length:]
-            if bool(mask.all()):
+            # Drop an all-ones mask (the unpadded fast path). Under torch.compile it is kept instead: it gives the
+            # same result and the step needs no host-device synchronisation.
+            if not torch.compiler.is_compiling() and bool(mask.all()):
                 mask = None
         if position_ids is None:
             device = (input_ids if input_ids is not None else inputs_embeds).device
@@ -219,6 +221,8 @@ class T2RModel(T2RPreTrainedModel):
             t2r_padding_mask=mask,
             **kwargs,
         )
+        if cache is not None:
+            cache.check_finite()
         outputs.past_key_values = cache
         return outputs
 
@@ -299,6 +303,8 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
             t2r_padding_mask=mask,
             **kwargs,
         )
+        if cache is not None:
+            cache.check_finite()
         outputs.past_key_values = cache
         return outputs
 
