@@ -324,6 +324,30 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
         if generation_config.use_cache is not False:
             model_kwargs["past_key_values"] = T2RCache(self.config)
 
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        """Compile the decoding steps of `generate` when, and only when, the caller passes a `compile_config`.
+
+        Unlike a static key/value cache, a T2R cache does not make `generate` compile on its own: the first
+        compiled step costs minutes (30-110 s on an H100, 2-4 min on 2 CPU cores for SmolLM2-135M), more than
+        short generations save. When asked, it compiles on any device (it pays on CPUs too; see bench/README.md).
+        The prefill always runs eagerly. CUDA-graph modes are refused: the cache rebinds its state tensors at every
+        step, which CUDA graphs cannot replay.
+        """
+        config = generation_config.compile_config
+        if generation_config.disable_compile or config is None:
+            return False
+        options = config.options or {}
+        if config.mode in ("reduce-overhead", "max-autotune") or options.get("triton.cudagraphs"):
+            raise ValueError(
+                f"compile_config mode {config.mode!r} captures CUDA graphs, which cannot replay a T2R cache (its state "
+                "tensors are replaced at every step). Pass `CompileConfig(mode='default')` (or "
+                "'max-autotune-no-cudagraphs')."
+            )
+        if getattr(self, "hf_quantizer", None) is not None and not self.hf_quantizer.is_compileable:
+            logger.warning_once("compile_config ignored: this model's quantization method does not support compiling.")
+            return False
+        return True
+
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
         """As in `GenerationMixin`, after refusing right padding, which a recurrent prefill cannot honour."""
         fresh = past_key_values is None or past_key_values.get_seq_length() == 0
