@@ -4,10 +4,12 @@
 
 SmolLM2-135M's shape with random weights, bf16, PyTorch path, a state standing for `--context` tokens; batch 1 and
 64, all variants in the same run. Variants: eager, `torch.compile` ("default") and "reduce-overhead" (CUDA
-graphs), each as the library is and with the cache's finite-state check switched off (`T2RStateLayer.update_state`
-tests `torch.isfinite(...).all()` in Python: one host-device synchronisation per layer and step, and a graph
-break under compile). Dynamo's recompile limit is raised above the layer count, since each layer's
-`layer_idx` is a static int (one graph per layer). A variant that fails is recorded with its error instead of a
+graphs), each as the library is and with the cache's finite-state check switched off. The library checks the
+state once per forward (`T2RCache.check_finite`: one host-device synchronisation per step, and one graph break
+after the layers under compile); before 2026-11-23 it checked inside every layer (a synchronisation per layer and
+a graph break per layer: the figures in bench/README.md from 2026-11-22 were measured then). Dynamo's recompile
+limit is raised above the layer count (with a graph break in every layer, each layer's resumed frame compiles
+once per `layer_idx`). A variant that fails is recorded with its error instead of a
 time. Writes `gpu_compile.csv` after every row.
 """
 
@@ -30,7 +32,8 @@ _CHECKED_UPDATE = T2RStateLayer.update_state
 
 
 def _unchecked_update(self, state, num_new_tokens, layer_idx):
-    """`T2RStateLayer.update_state` without the `isfinite` test (bench only: what the check costs)."""
+    """`T2RStateLayer.update_state` without the finite flag, so `T2RCache.check_finite` has nothing to read (bench
+    only: what the check costs)."""
     self.state_s, self.state_z = state
     self.seen_tokens += num_new_tokens
     self.is_initialized = True

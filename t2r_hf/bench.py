@@ -6,7 +6,9 @@
     t2r-hf bench train       forward+backward tokens/s vs sequence length (chunked T2R vs softmax SDPA)
     t2r-hf bench accuracy    held-out perplexity vs training tokens (swap, transfer, transfer+finetune, LoRA,
                              and transfer / transfer+finetune of the window hybrid)
-    t2r-hf bench all         the four above
+    t2r-hf bench compile     decode ms/token eager vs `torch.compile` (mode "default"), softmax (static cache),
+                             T2R and the hybrid, at `--throughput-context`
+    t2r-hf bench all         the five above
 
 Each writes `<name>.csv` and `<name>.png` under `--output`. Decode benchmarks time steps on caches filled with
 random keys/values (softmax) or a random state (T2R) of the right size: a decode step's cost depends on the
@@ -28,7 +30,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-BENCHMARKS = ("decode", "throughput", "train", "accuracy")
+BENCHMARKS = ("decode", "throughput", "train", "accuracy", "compile")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +53,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="accuracy: training steps (one --block-size block each) at which to evaluate")
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--eval-blocks", type=int, default=4)
+    p.add_argument("--compile-backend", default="inductor", help="compile: torch.compile backend")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
@@ -155,17 +158,20 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_decode(model, cache, batch: int, length: int, steps: int, warmup: int = 2) -> float:
-    """Mean seconds per decode step (batch `batch`) continuing after `length` cached positions (any device)."""
+def time_decode(model, cache, batch: int, length: int, steps: int, warmup: int = 2, step=None) -> float:
+    """Mean seconds per decode step (batch `batch`) continuing after `length` cached positions (any device).
+
+    `step`: what to call instead of `model` (e.g. a compiled `model.forward`)."""
+    step = step or model
     device = model.device
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     positions = lambda i: torch.full((batch, 1), length + i, device=device)  # noqa: E731
     for i in range(warmup):
-        model(ids, past_key_values=cache, position_ids=positions(i), use_cache=True)
+        step(ids, past_key_values=cache, position_ids=positions(i), use_cache=True)
     _synchronize(device)
     start = time.perf_counter()
     for i in range(steps):
-        model(ids, past_key_values=cache, position_ids=positions(warmup + i), use_cache=True)
+        step(ids, past_key_values=cache, position_ids=positions(warmup + i), use_cache=True)
     _synchronize(device)
     return (time.perf_counter() - start) / steps
 
@@ -208,6 +214,35 @@ def bench_throughput(softmax, t2r, context: int, batch_sizes, steps: int, budget
         row["t2r_cache_bytes"] = cache_bytes(cache)
         logger.info("throughput %s", row)
         rows.append(row)
+    return rows
+
+
+def bench_compile(softmax, t2r, context: int, steps: int, backend: str = "inductor", hybrid=None) -> list[dict]:
+    """Batch-1 decode ms/token at `context`, eager vs `torch.compile(model.forward, mode="default")`, per model.
+
+    Softmax decodes from a `StaticCache` (the cache transformers compiles with); T2R from its own cache, which
+    `generate(..., compile_config=CompileConfig(mode="default"))` compiles the same way. `first_call_s` is the
+    first compiled step (tracing and code generation)."""
+    models = [("softmax", softmax, lambda m, b, n: softmax_cache(m, b, n, static_extra=steps + 8)),
+              ("t2r", t2r, t2r_cache)]
+    if hybrid is not None:
+        models.append(("hybrid", hybrid, t2r_cache))
+    rows = []
+    for name, model, make in models:
+        row = {"model": name, "context": context, "backend": backend}
+        row["eager_ms_per_token"] = round(1000 * time_decode(model, make(model, 1, context), 1, context, steps), 3)
+        torch._dynamo.reset()
+        compiled = torch.compile(model.forward, mode="default", backend=backend)
+        cache = make(model, 1, context)
+        start = time.perf_counter()
+        time_decode(model, cache, 1, context, 1, warmup=0, step=compiled)
+        row["first_call_s"] = round(time.perf_counter() - start, 1)
+        row["compiled_ms_per_token"] = round(1000 * time_decode(model, cache, 1, context, steps, step=compiled), 3)
+        row["compile_speedup"] = round(row["eager_ms_per_token"] / row["compiled_ms_per_token"], 3)
+        logger.info("compile %s", row)
+        rows.append(row)
+    for row in rows:
+        row["vs_softmax_compiled"] = round(rows[0]["compiled_ms_per_token"] / row["compiled_ms_per_token"], 3)
     return rows
 
 
@@ -358,6 +393,13 @@ def plot(name: str, rows: list[dict], path: str, machine: str) -> None:
             axes[0].plot(x, [num(r[f"{label}_tokens_per_s"]) for r in rows], marker="o", label=label)
         axes[0].set(xlabel="batch size", ylabel="tokens / s", xscale="log", yscale="log",
                     title=f"decode throughput at context {rows[0]['context']}")
+    elif name == "compile":
+        x = range(len(rows))
+        width = 0.4
+        axes[0].bar([i - width / 2 for i in x], [r["eager_ms_per_token"] for r in rows], width, label="eager")
+        axes[0].bar([i + width / 2 for i in x], [r["compiled_ms_per_token"] for r in rows], width, label="compiled")
+        axes[0].set_xticks(list(x), [r["model"] for r in rows])
+        axes[0].set(ylabel="ms / token", title=f"decode, batch 1, context {rows[0]['context']}")
     elif name == "train":
         x = [r["length"] for r in rows]
         for label in ("softmax", "t2r"):
@@ -405,6 +447,9 @@ def run_benchmarks(names, output: str, model: str = "smollm2", quick: bool = Fal
                                     options["decode_steps"], options["memory_budget_gb"] * 2**30)
         elif name == "train":
             rows = bench_train(softmax, t2r, options["train_lengths"])
+        elif name == "compile":
+            rows = bench_compile(softmax, t2r, options["throughput_context"], options["decode_steps"],
+                                 options.get("compile_backend", "inductor"), hybrid)
         else:
             rows = bench_accuracy(softmax, t2r, tokenizer, options["budgets"], options["block_size"],
                                   options["eval_blocks"], hybrid)

@@ -34,9 +34,10 @@ def test_demo_end_to_end_tiny_budget_card_records_printed_figures(tmp_path, caps
     assert not (tmp_path / "demo.partial").exists()
 
 
-@pytest.mark.parametrize("name", ["decode", "throughput", "train", "accuracy"])
+@pytest.mark.parametrize("name", ["decode", "throughput", "train", "accuracy", "compile"])
 def test_bench_quick_writes_csv_and_plot(tmp_path, capsys, name):
-    rc = main(["bench", name, "--quick", "--model", "tiny", "--output", str(tmp_path)])
+    extra = ["--compile-backend", "aot_eager"] if name == "compile" else []  # inductor's codegen: tested elsewhere
+    rc = main(["bench", name, "--quick", "--model", "tiny", "--output", str(tmp_path), *extra])
     assert rc == 0
     with open(tmp_path / f"{name}.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -49,6 +50,10 @@ def test_bench_quick_writes_csv_and_plot(tmp_path, capsys, name):
         assert len({r["hybrid_cache_bytes"] for r in rows}) == 1
         assert int(rows[0]["hybrid_cache_bytes"]) > int(rows[0]["t2r_cache_bytes"])
         assert int(rows[-1]["softmax_cache_bytes"]) > int(rows[0]["softmax_cache_bytes"])
+    if name == "compile":  # softmax (static cache), T2R and the hybrid, each eager and compiled in the same run
+        assert [r["model"] for r in rows] == ["softmax", "t2r", "hybrid"]
+        assert all(float(r["eager_ms_per_token"]) > 0 and float(r["compiled_ms_per_token"]) > 0 for r in rows)
+        assert float(rows[0]["vs_softmax_compiled"]) == 1.0
     if name == "accuracy":
         recipes = {r["recipe"] for r in rows}
         assert {"softmax (original)", "swap + finetune", "transfer"} <= recipes
