@@ -210,6 +210,13 @@ def window_softmax_numerator_denominator(
     kv_heads = keys.shape[1]
     if keys.shape[2] != window + length or valid.shape[-1] != window + length:
         raise ValueError(f"Expected {window} ring keys before the {length} new ones, got {keys.shape[2]} keys.")
+    if length == 1:  # a decoding step: one query against the W keys after the oldest, no blocking needed
+        qg = _group_queries(q, kv_heads).float()  # (B, Hkv, G, 1, D)
+        ok = valid[:, None, None, None, 1:].bool()  # (B, 1, 1, 1, W)
+        scores = torch.einsum("bhgtd,bhsd->bhgts", qg, keys[:, :, 1:].float()) * scaling
+        scores = scores.masked_fill(~ok, torch.finfo(torch.float32).min)
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * ok
+        return torch.einsum("bhgts,bhsd->bhgtd", weights, values[:, :, 1:].float()), weights.sum(-1)
     chunk = max(1, min(window, block_size, length))
     n = -(-length // chunk)
     span = chunk + window - 1
@@ -306,7 +313,8 @@ def hybrid_numerator_denominator(
     q: (B, Hq, T, D) raw queries and q_feat their features (B, Hq, T, F); k, v: (B, Hkv, T, D) raw keys/values;
     feature_map: maps keys (B, Hkv, n, D) to features (B, Hkv, n, F); factor: (Hq,) the softmax weights `g`;
     valid: (B, T) bool, False for padding (None: all valid); state: `(S, z)` of the keys that left the window;
-    ring: `(keys, values, valid)` of the last `W` positions (None: empty). Returns `(num, den)` shaped as
+    ring: `(keys, values, valid)` of the last `W` positions, values zero where not valid, as this function
+    returns it (None: empty). Returns `(num, den)` shaped as
     `chunked_numerator_denominator`'s, the new state and the new ring. One call over T positions and T calls
     over one position each compute the same thing.
     """
@@ -315,7 +323,8 @@ def hybrid_numerator_denominator(
     ok = torch.ones(batch, length, dtype=torch.bool, device=k.device) if valid is None else valid.bool()
     keys = torch.cat([ring_k, k], dim=2)
     all_ok = torch.cat([ring_ok, ok], dim=1)
-    values = torch.cat([ring_v, v], dim=2) * all_ok[:, None, :, None].to(v.dtype)
+    # The ring's values were zeroed where invalid when they entered it: only the new ones need masking.
+    values = torch.cat([ring_v, v * ok[:, None, :, None].to(v.dtype)], dim=2)
     # Keys 0..T-1 of `keys` leave the window at the new positions 0..T-1 and enter the linear state.
     leaving = all_ok[:, None, :length, None]
     k_feat = feature_map(keys[:, :, :length]) * leaving.to(keys.dtype)
