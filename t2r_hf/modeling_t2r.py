@@ -11,6 +11,8 @@ only `torch` and `transformers` absolutely, and each other as `from .x import y`
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -328,10 +330,13 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
         """Compile the decoding steps of `generate` when, and only when, the caller passes a `compile_config`.
 
         Unlike a static key/value cache, a T2R cache does not make `generate` compile on its own: the first
-        compiled step costs minutes (30-110 s on an H100, 2-4 min on 2 CPU cores for SmolLM2-135M), more than
-        short generations save. When asked, it compiles on any device (it pays on CPUs too; see bench/README.md).
-        The prefill always runs eagerly. CUDA-graph modes are refused: the cache rebinds its state tensors at every
-        step, which CUDA graphs cannot replay.
+        compiled step costs 15-110 s on 2 CPU cores for SmolLM2-135M (35-115 s on an H100), more than short
+        generations save. When asked, it compiles on any device (it pays on CPUs too; see bench/README.md). The
+        prompt runs eagerly (unless `prefill_chunk_size` makes transformers run its chunks through the compiled
+        call). Refused with a `ValueError`: CUDA-graph modes (the cache rebinds its state tensors at every step,
+        which CUDA graphs cannot replay) and `fullgraph=True` (the finite-state check runs after the layers,
+        outside the graph). Skipped with a warning: generation without a cache, CPU or disk offload, and
+        quantization methods that cannot compile.
         """
         config = generation_config.compile_config
         if generation_config.disable_compile or config is None:
@@ -343,9 +348,25 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
                 "tensors are replaced at every step). Pass `CompileConfig(mode='default')` (or "
                 "'max-autotune-no-cudagraphs')."
             )
-        if getattr(self, "hf_quantizer", None) is not None and not self.hf_quantizer.is_compileable:
-            logger.warning_once("compile_config ignored: this model's quantization method does not support compiling.")
+        if config.fullgraph:
+            raise ValueError(
+                "compile_config has fullgraph=True, but a T2R decoding step checks its state for NaN/inf after the "
+                "layers, outside the compiled graph (one graph break). Pass `CompileConfig(mode='default', "
+                "fullgraph=False)`."
+            )
+        reason = None
+        if model_kwargs.get("past_key_values") is None:
+            reason = "generation runs without a cache (use_cache=False), so every step would have a new shape"
+        elif getattr(self, "hf_quantizer", None) is not None and not self.hf_quantizer.is_compileable:
+            reason = "this model's quantization method does not support compiling"
+        elif hasattr(self, "hf_device_map"):
+            devices = set(self.hf_device_map.values())
+            if "disk" in devices or ("cpu" in devices and len(devices) > 1):
+                reason = "the model is offloaded to CPU or disk, which torch.compile does not support"
+        if reason is not None:
+            logger.warning_once(f"compile_config ignored, decoding runs eagerly: {reason}.")
             return False
+        os.environ["TOKENIZERS_PARALLELISM"] = "0"  # as transformers does before compiled decoding
         return True
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
