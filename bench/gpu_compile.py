@@ -31,7 +31,7 @@ from t2r_hf.cache import T2RStateLayer  # noqa: E402
 _CHECKED_UPDATE = T2RStateLayer.update_state
 
 
-def _unchecked_update(self, state, num_new_tokens, layer_idx):
+def _unchecked_update(self, state, num_new_tokens):
     """`T2RStateLayer.update_state` without the finite flag, so `T2RCache.check_finite` has nothing to read (bench
     only: what the check costs)."""
     self.state_s, self.state_z = state

@@ -153,7 +153,7 @@ def _window_forward(module, query, key, value, q_feat, layer, padding_mask, kwar
         chunk_size=module.t2r_chunk_size,
     )
     if layer is not None:
-        layer.update_state(new_state, query.shape[2], module.layer_idx)
+        layer.update_state(new_state, query.shape[2])
         layer.update_ring(new_ring)
     return normalise(num, den, module.t2r_eps, value.dtype)
 
@@ -212,7 +212,7 @@ def t2r_attention_forward(
         )
     out = normalise(num, den, module.t2r_eps, value.dtype)
     if layer is not None:
-        layer.update_state(new_state, length, module.layer_idx)
+        layer.update_state(new_state, length)
     return out.transpose(1, 2).contiguous(), None
 
 

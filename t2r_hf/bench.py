@@ -133,10 +133,10 @@ def t2r_cache(model, batch: int, length: int):
     probe = torch.zeros(1, num_kv, 1, head_dim, dtype=model.dtype, device=model.device)
     feat = model._feature_map_owners[0].feature_map(probe).shape[-1]
     cache = T2RCache(model.config)
-    for i, layer in enumerate(cache.layers):
+    for layer in cache.layers:
         s = torch.rand(batch, num_kv, feat, head_dim, device=model.device) * length
         z = torch.rand(batch, num_kv, feat, device=model.device) * length
-        layer.update_state((s, z), length, i)
+        layer.update_state((s, z), length)
         window = model.config.window_size
         if window:
             keys = torch.randn(batch, num_kv, window, head_dim, dtype=model.dtype, device=model.device)

@@ -96,7 +96,7 @@ class T2RStateLayer(_TensorLayer):
         """`(S, z)`, or None before the first token."""
         return None if self.state_s is None else (self.state_s, self.state_z)
 
-    def update_state(self, state: tuple[torch.Tensor, torch.Tensor], num_new_tokens: int, layer_idx: int) -> None:
+    def update_state(self, state: tuple[torch.Tensor, torch.Tensor], num_new_tokens: int) -> None:
         """Store the state after `num_new_tokens` more tokens, with a flag on its device saying whether it is finite.
 
         The flag is not read here: `T2RCache.check_finite` reads every layer's flag once per forward, so a step
